@@ -1,0 +1,36 @@
+# The two commands of the README: `make run` (the local stack) and `make test` (the whole suite).
+# Both install what they need: a Python venv with the pinned requirements, and Azurite from npm.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+
+.PHONY: test lint typecheck unit run bench deps tools clean
+
+test: deps tools lint typecheck
+	$(PY) -m pytest
+
+lint: deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: deps
+	$(BIN)/mypy
+
+deps: $(VENV)/.stamp-deps
+$(VENV)/.stamp-deps: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+tools: tools/node_modules/.stamp-azurite
+tools/node_modules/.stamp-azurite: tools/package.json
+	cd tools && npm install --no-audit --no-fund --no-package-lock --loglevel=error
+	touch $@
+
+bench: deps tools
+	$(PY) -m bench.overhead
+
+clean:
+	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache .ruff_cache bench/results

@@ -1,0 +1,47 @@
+"""The composition root: settings and clients built once per worker process, then reused."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from shared.audit import AuditLog
+from shared.defender import DefenderClient
+from shared.service import CancelService
+from shared.settings import Settings
+from shared.storage import table_client
+from shared.token import TokenProvider
+
+
+@dataclass(frozen=True)
+class App:
+    settings: Settings
+    service: CancelService
+
+
+_lock = threading.Lock()
+_app: App | None = None
+
+
+def get_app() -> App:
+    """The process's App; a failed build (bad settings, storage down) is retried on the next call."""
+    global _app
+    if _app is None:
+        with _lock:
+            if _app is None:
+                _app = build_app(Settings.from_env())
+    return _app
+
+
+def reset_app() -> None:
+    """Forget the process's App, so the next call reads the environment again (tests, local host)."""
+    global _app
+    with _lock:
+        _app = None
+
+
+def build_app(settings: Settings) -> App:
+    tokens = TokenProvider(settings.token_scope, settings.client_id)
+    defender = DefenderClient(settings.api_base_url, tokens, settings.timeout_seconds)
+    audit = AuditLog(table_client(settings.storage, settings.audit_table))
+    return App(settings, CancelService(defender, audit))

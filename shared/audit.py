@@ -1,0 +1,72 @@
+"""The audit trail: one Table Storage record per cancel that reached (or tried to reach) Defender.
+
+Rows are partitioned by machine action id, newest first, so "what happened to action X" is one
+partition query. An audit write that fails is logged, not raised: the cancel already happened and
+its answer must still reach the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+MAX_COMMENT_CHARS = 4096
+_TICKS_MAX = 10**19
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    action_id: str
+    source: str  # "http" or "queue"
+    comment: str
+    correlation_id: str
+    upstream_status: int | None
+    outcome: str
+    duration_ms: float
+    attempts: int
+    request_id: str | None = None
+
+
+class EntityWriter(Protocol):
+    def create_entity(self, entity: dict[str, Any]) -> Any: ...
+
+
+class AuditLog:
+    def __init__(self, table: EntityWriter) -> None:
+        self._table = table
+
+    def record(self, record: AuditRecord) -> None:
+        try:
+            self._table.create_entity(to_entity(record))
+        except Exception:  # noqa: BLE001 - any storage failure; the caller's answer comes first
+            logger.error(
+                "audit write failed for action %s (correlation %s)",
+                record.action_id,
+                record.correlation_id,
+                exc_info=False,
+            )
+
+
+def to_entity(record: AuditRecord, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    # Inverted time in the RowKey lists an action's newest records first.
+    inverted = _TICKS_MAX - int(now * 1_000_000)
+    return {
+        "PartitionKey": record.action_id,
+        "RowKey": f"{inverted:020d}-{uuid.uuid4().hex[:12]}",
+        "Source": record.source,
+        "Comment": record.comment[:MAX_COMMENT_CHARS],
+        "CorrelationId": record.correlation_id,
+        "UpstreamStatus": record.upstream_status if record.upstream_status is not None else -1,
+        "Outcome": record.outcome,
+        "DurationMs": round(record.duration_ms, 3),
+        "Attempts": record.attempts,
+        "UpstreamRequestId": record.request_id or "",
+        "At": datetime.fromtimestamp(now, tz=UTC),
+    }

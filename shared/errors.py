@@ -1,0 +1,70 @@
+"""The app's own error hierarchy and the upstream's error shape.
+
+azure-core, azure-identity and requests errors are translated into these at the module boundary
+that talks to them, so callers decide what a failure means without knowing the SDKs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def error_body(code: str, message: str, target: str | None = None) -> dict[str, Any]:
+    """Defender's own error shape: `{"error": {"code", "message", "target"}}`."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if target:
+        error["target"] = target
+    return {"error": error}
+
+
+class AppError(Exception):
+    """An error with the HTTP status and upstream-style code a caller should see."""
+
+    status = 500
+    code = "InternalServerError"
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class SettingsError(AppError):
+    """A setting is missing or invalid: the app refuses to run."""
+
+
+class InvalidRequest(AppError):
+    status = 400
+
+    def __init__(self, message: str, code: str = "BadRequest") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TokenUnavailable(AppError):
+    status = 502
+    code = "TokenUnavailable"
+
+
+class UpstreamUnavailable(AppError):
+    status = 502
+    code = "BadGateway"
+
+
+class UpstreamTimeout(AppError):
+    status = 504
+    code = "GatewayTimeout"
+
+
+class StateStoreUnavailable(AppError):
+    """The state tables cannot be reached: fail closed, no upstream call."""
+
+    status = 503
+    code = "ServiceUnavailable"
+
+
+class QuotaExceeded(AppError):
+    """The shared rate quota is used up until `retry_after` seconds from now."""
+
+    status = 429
+    code = "TooManyRequests"

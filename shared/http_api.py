@@ -1,0 +1,51 @@
+"""The HTTP face of the service: a request's parts in, a status, JSON body and headers out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.app import get_app
+from shared.errors import AppError, error_body
+from shared.validation import correlation_id, parse_http_cancel
+
+logger = logging.getLogger(__name__)
+
+CORRELATION_HEADER = "x-correlation-id"
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def cancel(action_id: str, body: bytes, headers: Mapping[str, str]) -> Reply:
+    """POST /api/machineactions/{actionId}/cancel."""
+    correlation = correlation_id(headers.get(CORRELATION_HEADER))
+    reply_headers = {CORRELATION_HEADER: correlation}
+    try:
+        command = parse_http_cancel(action_id, body, correlation)
+        app = get_app()
+        result = app.service.cancel(command, max_wait=app.settings.http_max_wait_seconds)
+    except AppError as exc:
+        return error_reply(exc, correlation, reply_headers)
+    except Exception:
+        logger.exception("unexpected failure, correlation %s", correlation)
+        return Reply(500, error_body("InternalServerError", "Unexpected error", correlation), reply_headers)
+    if result.retry_after is not None and result.status in (429, 503):
+        reply_headers["Retry-After"] = str(result.retry_after)
+    if result.request_id:
+        reply_headers["x-upstream-request-id"] = result.request_id
+    return Reply(result.status, result.body, reply_headers)
+
+
+def error_reply(exc: AppError, correlation: str, headers: dict[str, str]) -> Reply:
+    if exc.status >= 500:
+        logger.warning("%s (correlation %s): %s", type(exc).__name__, correlation, exc.message)
+    if exc.retry_after is not None:
+        headers = {**headers, "Retry-After": str(exc.retry_after)}
+    return Reply(exc.status, error_body(exc.code, exc.message, correlation), headers)

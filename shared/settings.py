@@ -1,0 +1,216 @@
+"""The app's settings: read once from the environment, validated, frozen.
+
+Every name here is an app setting of CONTRACT.md (and of the Bicep); a wrong value fails with one
+message that names the setting and what it accepts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from shared.errors import SettingsError
+
+CLOUDS: Mapping[str, str] = {
+    "Public": "https://api.securitycenter.microsoft.com",
+    "GCC": "https://api-gcc.securitycenter.microsoft.us",
+    "GCCHigh": "https://api-gov.securitycenter.microsoft.us",
+    "DoD": "https://api-gov.securitycenter.microsoft.us",
+}
+
+# Hosts that serve the Defender for Endpoint API (REFERENCE.md); anything else is refused so a
+# mistyped or hostile setting cannot send our bearer token elsewhere.
+KNOWN_DEFENDER_HOSTS = frozenset(
+    {
+        "api.securitycenter.microsoft.com",
+        "api-us.securitycenter.microsoft.com",
+        "api-eu.securitycenter.microsoft.com",
+        "api-uk.securitycenter.microsoft.com",
+        "api-au.securitycenter.microsoft.com",
+        "api.security.microsoft.com",
+        "us.api.security.microsoft.com",
+        "eu.api.security.microsoft.com",
+        "uk.api.security.microsoft.com",
+        "au.api.security.microsoft.com",
+        "swa.api.security.microsoft.com",
+        "api-gcc.securitycenter.microsoft.us",
+        "api-gov.securitycenter.microsoft.us",
+    }
+)
+
+DEFAULT_RATE_LIMITS = "100/60,1500/3600"
+DEFAULT_SAFETY_MS = 1000
+DEFAULT_TIMEOUT_SECONDS = 30.0
+DEFAULT_AUDIT_TABLE = "CancelAudit"
+DEFAULT_RATE_LIMIT_TABLE = "CancelRateLimit"
+DEFAULT_IDEMPOTENCY_TABLE = "CancelIdempotency"
+
+_TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{2,62}")
+_WINDOW = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*")
+
+
+@dataclass(frozen=True)
+class RateWindow:
+    """At most `limit` calls in any rolling `seconds`."""
+
+    limit: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StorageConnection:
+    """Where the state tables live: a connection string, or an endpoint reached by identity."""
+
+    connection_string: str | None = field(default=None, repr=False)
+    table_service_uri: str | None = None
+    queue_service_uri: str | None = None
+    client_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    cloud: str
+    api_base_url: str
+    token_scope: str
+    client_id: str | None
+    state_storage: str
+    storage: StorageConnection
+    rate_limits: tuple[RateWindow, ...]
+    rate_limit_key: str
+    safety_ms: int
+    http_max_wait_seconds: float
+    timeout_seconds: float
+    allowed_callers: frozenset[str]
+    audit_table: str
+    rate_limit_table: str
+    idempotency_table: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        cloud = _get(env, "DEFENDER_CLOUD", "Public")
+        if cloud not in CLOUDS:
+            raise SettingsError(f"DEFENDER_CLOUD must be one of {', '.join(CLOUDS)}; got {cloud!r}")
+        client_id = _get(env, "AZURE_CLIENT_ID", "") or None
+        state_storage = _get(env, "STATE_STORAGE", "AzureWebJobsStorage")
+        return cls(
+            cloud=cloud,
+            api_base_url=parse_api_base_url(_get(env, "DEFENDER_API_BASE_URL", CLOUDS[cloud])),
+            token_scope=_get(env, "DEFENDER_TOKEN_SCOPE", CLOUDS[cloud] + "/.default"),
+            client_id=client_id,
+            state_storage=state_storage,
+            storage=parse_storage_connection(env, state_storage),
+            rate_limits=parse_rate_limits(_get(env, "RATE_LIMITS", DEFAULT_RATE_LIMITS)),
+            rate_limit_key=_get(env, "RATE_LIMIT_KEY", f"{cloud}-{client_id or 'system'}"),
+            safety_ms=_int(env, "RATE_LIMIT_SAFETY_MS", DEFAULT_SAFETY_MS),
+            http_max_wait_seconds=_seconds(env, "HTTP_MAX_WAIT_SECONDS", 0.0),
+            timeout_seconds=_seconds(env, "DEFENDER_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS),
+            allowed_callers=parse_allowed_callers(env),
+            audit_table=_table(env, "AUDIT_TABLE", DEFAULT_AUDIT_TABLE),
+            rate_limit_table=_table(env, "RATE_LIMIT_TABLE", DEFAULT_RATE_LIMIT_TABLE),
+            idempotency_table=_table(env, "IDEMPOTENCY_TABLE", DEFAULT_IDEMPOTENCY_TABLE),
+        )
+
+
+def _get(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip()
+    return value or default
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = _get(env, name, str(default))
+    if not raw.isdigit():
+        raise SettingsError(f"{name} must be a whole number >= 0; got {raw!r}")
+    return int(raw)
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _get(env, name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise SettingsError(f"{name} must be a number of seconds from 0 to 3600; got {raw!r}")
+    return value
+
+
+def _table(env: Mapping[str, str], name: str, default: str) -> str:
+    value = _get(env, name, default)
+    if not _TABLE_NAME.fullmatch(value):
+        raise SettingsError(f"{name} must be a table name (3-63 letters or digits, a letter first); got {value!r}")
+    return value
+
+
+def parse_rate_limits(raw: str) -> tuple[RateWindow, ...]:
+    """`COUNT/SECONDS[,COUNT/SECONDS...]`, e.g. `100/60,1500/3600`; sorted shortest window first."""
+    windows = []
+    for part in raw.split(","):
+        match = _WINDOW.fullmatch(part)
+        if not match or int(match.group(1)) < 1 or float(match.group(2)) <= 0:
+            raise SettingsError(
+                "RATE_LIMITS must be a comma list of COUNT/SECONDS windows with COUNT >= 1 and "
+                f"SECONDS > 0, e.g. {DEFAULT_RATE_LIMITS}; got {raw!r}"
+            )
+        windows.append(RateWindow(int(match.group(1)), float(match.group(2))))
+    return tuple(sorted(windows, key=lambda w: w.seconds))
+
+
+def parse_api_base_url(raw: str) -> str:
+    """Accept https on a known Defender host, or a loopback address (http allowed) for local use."""
+    url = urlsplit(raw)
+    host = (url.hostname or "").lower()
+    ok_path = url.path in ("", "/") and not url.query and not url.fragment and not url.username
+    if ok_path and _is_loopback(host) and url.scheme in ("http", "https"):
+        return raw.rstrip("/")
+    if ok_path and url.scheme == "https" and host in KNOWN_DEFENDER_HOSTS and url.port in (None, 443):
+        return raw.rstrip("/")
+    raise SettingsError(
+        "DEFENDER_API_BASE_URL must be https://<a Defender API host> (e.g. "
+        "https://api.securitycenter.microsoft.com) or a loopback address such as "
+        f"http://127.0.0.1:PORT, with no path; got {raw!r}"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_storage_connection(env: Mapping[str, str], name: str) -> StorageConnection:
+    """The Functions convention: `<name>` is a connection string, or `<name>__*` names an identity."""
+    conn = env.get(name, "").strip()
+    if conn:
+        return StorageConnection(connection_string=conn)
+    account = env.get(f"{name}__accountName", "").strip()
+    table_uri = env.get(f"{name}__tableServiceUri", "").strip()
+    queue_uri = env.get(f"{name}__queueServiceUri", "").strip()
+    if account:
+        table_uri = table_uri or f"https://{account}.table.core.windows.net"
+        queue_uri = queue_uri or f"https://{account}.queue.core.windows.net"
+    if not table_uri:
+        raise SettingsError(
+            f"STATE_STORAGE names the connection {name!r}, but neither {name} (a connection string) "
+            f"nor {name}__tableServiceUri / {name}__accountName (managed identity) is set"
+        )
+    client_id = env.get(f"{name}__clientId", "").strip() or None
+    return StorageConnection(table_service_uri=table_uri, queue_service_uri=queue_uri or None, client_id=client_id)
+
+
+def parse_allowed_callers(env: Mapping[str, str]) -> frozenset[str]:
+    callers = frozenset(c.strip().lower() for c in env.get("ALLOWED_CALLERS", "").split(",") if c.strip())
+    # The caller header can be trusted only when the platform's authentication strips forged ones.
+    if callers and env.get("WEBSITE_AUTH_ENABLED", "").strip().lower() != "true":
+        raise SettingsError(
+            "ALLOWED_CALLERS is set but App Service Authentication is off (WEBSITE_AUTH_ENABLED is not "
+            "True): caller identity cannot be trusted; turn authentication on or unset ALLOWED_CALLERS"
+        )
+    return callers

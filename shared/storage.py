@@ -1,0 +1,43 @@
+"""Table clients for the `STATE_STORAGE` account, by connection string or managed identity."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from shared.errors import StateStoreUnavailable
+from shared.settings import StorageConnection
+
+if TYPE_CHECKING:
+    from azure.data.tables import TableClient
+
+# A state store that does not answer quickly is treated as down (fail closed), not waited on.
+STORAGE_CONNECT_TIMEOUT = 3
+STORAGE_READ_TIMEOUT = 5
+STORAGE_RETRY_TOTAL = 2
+
+
+def table_client(conn: StorageConnection, table_name: str, **kwargs: Any) -> TableClient:
+    """A client for `table_name`, created if it does not exist yet."""
+    from azure.core.exceptions import AzureError, ResourceExistsError
+    from azure.data.tables import TableClient
+
+    options: dict[str, Any] = {
+        "connection_timeout": STORAGE_CONNECT_TIMEOUT,
+        "read_timeout": STORAGE_READ_TIMEOUT,
+        "retry_total": STORAGE_RETRY_TOTAL,
+        **kwargs,
+    }
+    if conn.connection_string:
+        client = TableClient.from_connection_string(conn.connection_string, table_name, **options)
+    else:
+        from azure.identity import ManagedIdentityCredential
+
+        credential = ManagedIdentityCredential(client_id=conn.client_id)
+        client = TableClient(str(conn.table_service_uri), table_name, credential=credential, **options)
+    try:
+        client.create_table()
+    except ResourceExistsError:
+        pass
+    except AzureError as exc:
+        raise StateStoreUnavailable(f"The state store cannot be reached: {type(exc).__name__}", retry_after=5) from None
+    return client

@@ -1,0 +1,68 @@
+"""Turning what a caller sent into a valid cancel command, or a 400 in the upstream's error shape."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from shared.errors import InvalidRequest
+
+MAX_BODY_BYTES = 64 * 1024
+_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_CORRELATION_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+@dataclass(frozen=True)
+class CancelCommand:
+    action_id: str  # canonical lower-case GUID: safe to put in the upstream path
+    comment: str
+    correlation_id: str
+    source: str  # "http" or "queue"
+
+
+def parse_action_id(raw: object) -> str:
+    # fullmatch, not match: a trailing newline or "/../" must never reach the upstream path.
+    if not isinstance(raw, str) or not _GUID.fullmatch(raw):
+        raise InvalidRequest("The machine action id must be a GUID, e.g. 988cc94e-7a8f-4b28-ab65-54970c5d5018")
+    return str(uuid.UUID(raw))
+
+
+def parse_comment(payload: Mapping[str, Any]) -> str:
+    """`Comment` as upstream spells it; `comment` accepted too."""
+    key = "Comment" if "Comment" in payload else "comment"
+    if key not in payload:
+        raise InvalidRequest("The request body must have a 'Comment' string", code="MissingRequiredParameter")
+    comment = payload[key]
+    if not isinstance(comment, str) or not comment.strip():
+        raise InvalidRequest("'Comment' must be a non-empty string", code="InvalidRequestBody")
+    return comment
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidRequest(f"The request body must be at most {MAX_BODY_BYTES} bytes", code="InvalidRequestBody")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("The request body must be a JSON object", code="InvalidRequestBody") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object", code="InvalidRequestBody")
+    return payload
+
+
+def correlation_id(given: str | None) -> str:
+    """The caller's correlation id when it is a sane token, else a new one."""
+    if given and _CORRELATION_ID.fullmatch(given):
+        return given
+    return str(uuid.uuid4())
+
+
+def parse_http_cancel(action_id: str, body: bytes, correlation: str) -> CancelCommand:
+    """Validate an HTTP cancel; raises InvalidRequest before anything is sent upstream."""
+    action = parse_action_id(action_id)
+    comment = parse_comment(parse_json_object(body))
+    return CancelCommand(action, comment, correlation, "http")

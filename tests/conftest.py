@@ -1,0 +1,92 @@
+"""The test rig: real Azurite, the loopback identity endpoint and the Defender simulator.
+
+Servers listen on free loopback ports picked here, never on the standard ones.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import azure.functions as func
+import pytest
+
+from localdev.azurite import Azurite, free_port
+from localdev.defender import DefenderSimulator
+from localdev.identity import IdentityEndpoint
+from shared.app import reset_app
+
+TOKEN_SECRET = secrets.token_hex(16)
+GUID = "988cc94e-7a8f-4b28-ab65-54970c5d5018"
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    server = Azurite().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def identity() -> Iterator[IdentityEndpoint]:
+    endpoint = IdentityEndpoint(token_secret=TOKEN_SECRET).start()
+    yield endpoint
+    endpoint.stop()
+
+
+@pytest.fixture
+def sim() -> Iterator[DefenderSimulator]:
+    simulator = DefenderSimulator(windows=((10_000, 60.0),), token_secret=TOKEN_SECRET).start()
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture
+def app_env(
+    monkeypatch: pytest.MonkeyPatch, azurite: Azurite, identity: IdentityEndpoint, sim: DefenderSimulator
+) -> Iterator[dict[str, str]]:
+    """The app's settings pointing at the rig; the app is rebuilt for each test."""
+    identity.heal()
+    identity.requests.clear()
+    env = {
+        "AzureWebJobsStorage": azurite.connection_string,
+        "DEFENDER_API_BASE_URL": sim.base_url,
+        "DEFENDER_TIMEOUT_SECONDS": "5",
+        **identity.env(),
+    }
+    for name in ("DEFENDER_CLOUD", "DEFENDER_TOKEN_SCOPE", "AZURE_CLIENT_ID", "RATE_LIMITS", "ALLOWED_CALLERS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    reset_app()
+    yield env
+    reset_app()
+
+
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on (a refused connection)."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def http_cancel(
+    action_id: str, body: Any = None, headers: dict[str, str] | None = None, raw: bytes | None = None
+) -> func.HttpResponse:
+    """Given a request as the host would build it, when CancelMachineAction.main runs, its response."""
+    from CancelMachineAction import main
+
+    if raw is None:
+        raw = json.dumps({"Comment": "cancelled by test"} if body is None else body).encode()
+    request = func.HttpRequest(
+        method="POST",
+        url=f"http://localhost:7071/api/machineactions/{action_id}/cancel",
+        route_params={"actionId": action_id},
+        headers=headers or {},
+        body=raw,
+    )
+    return main(request)
+
+
+def body_of(response: func.HttpResponse) -> Any:
+    return json.loads(response.get_body())

@@ -1,0 +1,42 @@
+"""The layout rules of CONTRACT.md and STYLE.md that a reader relies on."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shared_never_imports_azure_functions() -> None:
+    offenders = [
+        p.name
+        for p in (ROOT / "shared").glob("*.py")
+        if re.search(r"^\s*(import|from) azure\.functions", p.read_text(), re.M)
+    ]
+    assert offenders == []
+
+
+def test_http_route_has_no_guid_constraint_and_function_auth() -> None:
+    binding = json.loads((ROOT / "CancelMachineAction/function.json").read_text())["bindings"][0]
+
+    assert binding["route"] == "machineactions/{actionId}/cancel"
+    assert binding["authLevel"] == "function" and binding["methods"] == ["post"]
+
+
+def test_host_json_follows_the_contract() -> None:
+    host = json.loads((ROOT / "host.json").read_text())
+
+    assert host["extensionBundle"]["version"] == "[4.*, 5.0.0)"
+    assert host["extensions"]["http"]["routePrefix"] == "api"
+    assert host["extensions"]["queues"]["messageEncoding"] == "base64"
+
+
+def test_runtime_requirements_are_pinned_and_have_no_dev_tools() -> None:
+    lines = [ln for ln in (ROOT / "requirements.txt").read_text().splitlines() if ln and not ln.startswith("#")]
+    names = {ln.split("==")[0] for ln in lines}
+
+    assert all("==" in ln for ln in lines)
+    assert {"azure-functions", "azure-identity", "requests", "azure-data-tables", "azure-storage-queue"} <= names
+    assert not names & {"pytest", "mypy", "ruff", "hypothesis"}

@@ -1,0 +1,146 @@
+"""Settings: every contract setting read once, validated, with a message naming the setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.errors import SettingsError
+from shared.settings import RateWindow, Settings, parse_api_base_url, parse_rate_limits
+
+BASE = {"AzureWebJobsStorage": "UseDevelopmentStorage=true"}
+
+
+def settings(**env: str) -> Settings:
+    return Settings.from_env({**BASE, **env})
+
+
+def test_defaults_follow_the_contract() -> None:
+    s = settings()
+
+    assert s.cloud == "Public"
+    assert s.api_base_url == "https://api.securitycenter.microsoft.com"
+    assert s.token_scope == "https://api.securitycenter.microsoft.com/.default"
+    assert s.client_id is None
+    assert s.rate_limits == (RateWindow(100, 60.0), RateWindow(1500, 3600.0))
+    assert s.rate_limit_key == "Public-system"
+    assert s.safety_ms == 1000
+    assert s.http_max_wait_seconds == 0
+    assert s.allowed_callers == frozenset()
+    assert s.storage.connection_string == "UseDevelopmentStorage=true"
+
+
+@pytest.mark.parametrize(
+    ("cloud", "root"),
+    [
+        ("Public", "https://api.securitycenter.microsoft.com"),
+        ("GCC", "https://api-gcc.securitycenter.microsoft.us"),
+        ("GCCHigh", "https://api-gov.securitycenter.microsoft.us"),
+        ("DoD", "https://api-gov.securitycenter.microsoft.us"),
+    ],
+)
+def test_cloud_picks_api_root_and_token_scope(cloud: str, root: str) -> None:
+    s = settings(DEFENDER_CLOUD=cloud)
+
+    assert s.api_base_url == root
+    assert s.token_scope == root + "/.default"
+
+
+def test_overrides_win_and_key_follows_the_identity() -> None:
+    s = settings(
+        DEFENDER_API_BASE_URL="https://eu.api.security.microsoft.com",
+        DEFENDER_TOKEN_SCOPE="https://api.securitycenter.microsoft.com/.default",
+        AZURE_CLIENT_ID="abc",
+        RATE_LIMITS="10/2, 30/8",
+        RATE_LIMIT_SAFETY_MS="50",
+        HTTP_MAX_WAIT_SECONDS="2.5",
+    )
+
+    assert s.api_base_url == "https://eu.api.security.microsoft.com"
+    assert s.rate_limits == (RateWindow(10, 2.0), RateWindow(30, 8.0))
+    assert s.rate_limit_key == "Public-abc"
+    assert (s.safety_ms, s.http_max_wait_seconds) == (50, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"DEFENDER_CLOUD": "China"}, "DEFENDER_CLOUD"),
+        ({"RATE_LIMITS": "100"}, "RATE_LIMITS"),
+        ({"RATE_LIMITS": "0/60"}, "RATE_LIMITS"),
+        ({"RATE_LIMITS": "10/0"}, "RATE_LIMITS"),
+        ({"RATE_LIMITS": "10/60,"}, "RATE_LIMITS"),
+        ({"RATE_LIMIT_SAFETY_MS": "-1"}, "RATE_LIMIT_SAFETY_MS"),
+        ({"HTTP_MAX_WAIT_SECONDS": "soon"}, "HTTP_MAX_WAIT_SECONDS"),
+        ({"AUDIT_TABLE": "bad-name"}, "AUDIT_TABLE"),
+        ({"DEFENDER_API_BASE_URL": "https://example.com"}, "DEFENDER_API_BASE_URL"),
+        ({"ALLOWED_CALLERS": "app-1"}, "ALLOWED_CALLERS"),
+    ],
+)
+def test_a_wrong_value_fails_naming_the_setting(env: dict[str, str], names: str) -> None:
+    with pytest.raises(SettingsError, match=names):
+        settings(**env)
+
+
+def test_missing_storage_connection_names_both_forms() -> None:
+    with pytest.raises(SettingsError, match=r"STATE_STORAGE.*MyState__tableServiceUri"):
+        Settings.from_env({"STATE_STORAGE": "MyState"})
+
+
+def test_identity_based_storage_connection() -> None:
+    s = Settings.from_env({"STATE_STORAGE": "State", "State__accountName": "stcancel", "State__clientId": "cid"})
+
+    assert s.storage.connection_string is None
+    assert s.storage.table_service_uri == "https://stcancel.table.core.windows.net"
+    assert s.storage.client_id == "cid"
+
+
+def test_connection_string_never_appears_in_repr() -> None:
+    s = settings(AzureWebJobsStorage="DefaultEndpointsProtocol=https;AccountName=a;AccountKey=c2VjcmV0")
+
+    assert "c2VjcmV0" not in repr(s)
+
+
+def test_allowed_callers_need_platform_authentication() -> None:
+    s = settings(ALLOWED_CALLERS="App-1, obj-2", WEBSITE_AUTH_ENABLED="True")
+
+    assert s.allowed_callers == frozenset({"app-1", "obj-2"})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.securitycenter.microsoft.com",
+        "https://api.security.microsoft.com/",
+        "https://uk.api.security.microsoft.com",
+        "https://api-gov.securitycenter.microsoft.us",
+        "http://127.0.0.1:7080",
+        "http://localhost:1234",
+        "http://[::1]:8080",
+        "https://127.0.0.2",
+    ],
+)
+def test_known_hosts_and_loopback_are_accepted(url: str) -> None:
+    assert parse_api_base_url(url) == url.rstrip("/")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://api.securitycenter.microsoft.com",
+        "https://api.securitycenter.microsoft.com.evil.example",
+        "https://evil.example/api.securitycenter.microsoft.com",
+        "https://api.securitycenter.microsoft.com/api",
+        "https://user@api.securitycenter.microsoft.com",
+        "https://api.securitycenter.microsoft.com:8443",
+        "http://10.0.0.5:7080",
+        "ftp://127.0.0.1",
+        "not a url",
+    ],
+)
+def test_other_hosts_are_refused(url: str) -> None:
+    with pytest.raises(SettingsError, match="DEFENDER_API_BASE_URL"):
+        parse_api_base_url(url)
+
+
+def test_rate_limits_are_sorted_shortest_first() -> None:
+    assert parse_rate_limits("1500/3600,100/60") == (RateWindow(100, 60.0), RateWindow(1500, 3600.0))

@@ -1,0 +1,27 @@
+"""Request validation rules, below the HTTP layer."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.errors import InvalidRequest
+from shared.validation import correlation_id, parse_action_id, parse_comment
+
+
+def test_action_id_is_canonicalised_to_lower_case() -> None:
+    assert parse_action_id("988CC94E-7A8F-4B28-AB65-54970C5D5018") == "988cc94e-7a8f-4b28-ab65-54970c5d5018"
+
+
+@pytest.mark.parametrize("raw", [None, 42, "988cc94e-7a8f-4b28-ab65-54970c5d5018/", "x" * 36])
+def test_anything_but_a_guid_string_is_refused(raw: object) -> None:
+    with pytest.raises(InvalidRequest):
+        parse_action_id(raw)
+
+
+def test_comment_prefers_the_upstream_spelling() -> None:
+    assert parse_comment({"Comment": "upper", "comment": "lower"}) == "upper"
+
+
+@pytest.mark.parametrize("given", ["", "a b", "x" * 129, "é", None])
+def test_unsafe_correlation_ids_are_replaced(given: str | None) -> None:
+    assert correlation_id(given) != given
