@@ -16,6 +16,7 @@ class Request:
     def __init__(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
         url = urlsplit(handler.path)
         self.method = handler.command
+        self.raw_target = handler.path
         self.path = url.path
         self.query = {k: v[0] for k, v in parse_qs(url.query).items()}
         self.headers = handler.headers

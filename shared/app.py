@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from shared.audit import AuditLog
 from shared.defender import DefenderClient
+from shared.ratelimit import RateLimiter
 from shared.service import CancelService
 from shared.settings import Settings
 from shared.storage import table_client
@@ -17,6 +18,7 @@ from shared.token import TokenProvider
 class App:
     settings: Settings
     service: CancelService
+    limiter: RateLimiter
 
 
 _lock = threading.Lock()
@@ -41,7 +43,11 @@ def reset_app() -> None:
 
 
 def build_app(settings: Settings) -> App:
+    from shared.ratelimit_table import TableSlidingLog
+
     tokens = TokenProvider(settings.token_scope, settings.client_id)
     defender = DefenderClient(settings.api_base_url, tokens, settings.timeout_seconds)
     audit = AuditLog(table_client(settings.storage, settings.audit_table))
-    return App(settings, CancelService(defender, audit))
+    store = TableSlidingLog(table_client(settings.storage, settings.rate_limit_table), settings.rate_limit_key)
+    limiter = RateLimiter(store, settings.rate_limits, settings.safety_ms)
+    return App(settings, CancelService(defender, audit, limiter), limiter)

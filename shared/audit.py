@@ -44,12 +44,12 @@ class AuditLog:
     def record(self, record: AuditRecord) -> None:
         try:
             self._table.create_entity(to_entity(record))
-        except Exception:  # noqa: BLE001 - any storage failure; the caller's answer comes first
+        except Exception as exc:  # noqa: BLE001 - any storage failure; the caller's answer comes first
             logger.error(
-                "audit write failed for action %s (correlation %s)",
+                "audit write failed (%s) for action %s, correlation %s",
+                type(exc).__name__,
                 record.action_id,
                 record.correlation_id,
-                exc_info=False,
             )
 
 

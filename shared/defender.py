@@ -22,7 +22,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from shared.errors import UpstreamTimeout, UpstreamUnavailable, error_body
+from shared.errors import QuotaExceeded, UpstreamTimeout, UpstreamUnavailable, error_body
 from shared.token import TokenProvider
 
 CONNECT_TIMEOUT = 3.05
@@ -84,10 +84,16 @@ class DefenderClient:
         payload = json.dumps({"Comment": comment})
         deadline = time.monotonic() + self._budget
         attempt = 0
+        reply: UpstreamReply | None = None
         while True:
             attempt += 1
             if before_attempt is not None:
-                before_attempt()
+                try:
+                    before_attempt()
+                except QuotaExceeded:
+                    if reply is None:
+                        raise
+                    return reply  # no quota left for a retry: Defender's last answer stands
             reply = self._attempt(url, payload, deadline, attempt)
             if reply is not None and reply.status not in self._retry.statuses:
                 return reply

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from shared.app import get_app
@@ -41,6 +43,38 @@ def cancel(action_id: str, body: bytes, headers: Mapping[str, str]) -> Reply:
     if result.request_id:
         reply_headers["x-upstream-request-id"] = result.request_id
     return Reply(result.status, result.body, reply_headers)
+
+
+def quota() -> Reply:
+    """GET /api/quota: for each window, the calls used, the limit, and when the next slot frees."""
+    correlation = correlation_id(None)
+    headers = {CORRELATION_HEADER: correlation}
+    try:
+        app = get_app()
+        windows, blocked_until = app.limiter.stats()
+    except AppError as exc:
+        return error_reply(exc, correlation, headers)
+    now = time.time()
+    body = {
+        "key": app.settings.rate_limit_key,
+        "windows": [
+            {
+                "limit": w.limit,
+                "seconds": w.seconds,
+                "used": w.used,
+                "remaining": max(0, w.limit - w.used),
+                "nextSlotAt": _iso(w.next_free_ms),
+                "nextSlotInSeconds": round(max(0.0, w.next_free_ms / 1000 - now), 3),
+            }
+            for w in windows
+        ],
+        "blockedUntil": _iso(blocked_until) if blocked_until > now * 1000 else None,
+    }
+    return Reply(200, body, headers)
+
+
+def _iso(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
 
 
 def error_reply(exc: AppError, correlation: str, headers: dict[str, str]) -> Reply:

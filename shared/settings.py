@@ -44,6 +44,7 @@ KNOWN_DEFENDER_HOSTS = frozenset(
 
 DEFAULT_RATE_LIMITS = "100/60,1500/3600"
 DEFAULT_SAFETY_MS = 1000
+MAX_LOGGED_CALLS = 8000
 DEFAULT_TIMEOUT_SECONDS = 30.0
 DEFAULT_AUDIT_TABLE = "CancelAudit"
 DEFAULT_RATE_LIMIT_TABLE = "CancelRateLimit"
@@ -157,7 +158,11 @@ def parse_rate_limits(raw: str) -> tuple[RateWindow, ...]:
                 f"SECONDS > 0, e.g. {DEFAULT_RATE_LIMITS}; got {raw!r}"
             )
         windows.append(RateWindow(int(match.group(1)), float(match.group(2))))
-    return tuple(sorted(windows, key=lambda w: w.seconds))
+    windows.sort(key=lambda w: w.seconds)
+    if windows[-1].limit > MAX_LOGGED_CALLS:
+        # The limiter keeps the longest window's calls in one Table entity (64 KiB of int64).
+        raise SettingsError(f"RATE_LIMITS: the longest window may allow at most {MAX_LOGGED_CALLS} calls; got {raw!r}")
+    return tuple(windows)
 
 
 def parse_api_base_url(raw: str) -> str:

@@ -54,9 +54,12 @@ def app_env(
         "AzureWebJobsStorage": azurite.connection_string,
         "DEFENDER_API_BASE_URL": sim.base_url,
         "DEFENDER_TIMEOUT_SECONDS": "5",
+        "RATE_LIMIT_KEY": f"test-{secrets.token_hex(6)}",  # each test draws on a quota of its own
         **identity.env(),
     }
-    for name in ("DEFENDER_CLOUD", "DEFENDER_TOKEN_SCOPE", "AZURE_CLIENT_ID", "RATE_LIMITS", "ALLOWED_CALLERS"):
+    unset = ("DEFENDER_CLOUD", "DEFENDER_TOKEN_SCOPE", "AZURE_CLIENT_ID", "RATE_LIMITS", "RATE_LIMIT_SAFETY_MS",
+             "HTTP_MAX_WAIT_SECONDS", "ALLOWED_CALLERS")  # fmt: skip
+    for name in unset:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

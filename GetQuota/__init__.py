@@ -1,0 +1,14 @@
+"""HTTP trigger: GET /api/quota, the shared rate windows' use and when the next slot frees."""
+
+import json
+
+import azure.functions as func
+
+from shared import http_api
+
+
+def main(req: func.HttpRequest) -> func.HttpResponse:
+    reply = http_api.quota()
+    return func.HttpResponse(
+        json.dumps(reply.body), status_code=reply.status, headers=reply.headers, mimetype="application/json"
+    )

@@ -1,0 +1,89 @@
+"""One "instance" of the app under load: calls the HTTP function in a loop for a while.
+
+Run as a separate process (`python -m bench.hammer --start-at T --until U`), with the app settings in the
+environment, so several of them are several function instances sharing one quota. Prints one JSON
+line: the statuses it got and how long each admission took.
+
+Strategies: `shared` is the app as deployed; `fixed` swaps in a naive fixed-window counter kept in
+the same table; `none` has no limiter and, like a naive client, retries after Defender's 429.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import azure.functions as func
+
+from bench.strategies import FixedWindowLimiter
+
+ACTION_IDS = 2000
+
+
+def request(action_id: str) -> func.HttpRequest:
+    return func.HttpRequest(
+        method="POST",
+        url=f"/api/machineactions/{action_id}/cancel",
+        route_params={"actionId": action_id},
+        headers={},
+        body=b'{"Comment": "load"}',
+    )
+
+
+def instrument(strategy: str, acquire_ms: list[float]) -> None:
+    """Time every admission (and swap the limiter for the comparison strategies)."""
+    from shared.app import get_app
+
+    app = get_app()
+    app.service._defender._tokens.token()  # warm the token cache
+    service: Any = app.service
+    if strategy == "fixed":
+        service._gate = FixedWindowLimiter.from_settings(app.settings)
+    elif strategy == "none":
+        service._gate = None
+        return
+    gate = service._gate
+    original = gate.acquire
+
+    def timed(max_wait: float = 0.0) -> None:
+        start = time.perf_counter()
+        try:
+            original(max_wait)
+        finally:
+            acquire_ms.append((time.perf_counter() - start) * 1000)
+
+    gate.acquire = timed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--start-at", type=float, required=True, help="epoch seconds: first call")
+    parser.add_argument("--until", type=float, required=True, help="epoch seconds: no new call after")
+    parser.add_argument("--strategy", choices=["shared", "fixed", "none"], default="shared")
+    args = parser.parse_args()
+    from CancelMachineAction import main as cancel
+
+    acquire_ms: list[float] = []
+    instrument(args.strategy, acquire_ms)
+    statuses: Counter[int] = Counter()
+    # Every instance starts at the same moment, warmed up (settings, token, tables), so the run
+    # measures the limiter and not interpreter start-up.
+    time.sleep(max(0.0, args.start_at - time.time()))
+    while time.time() < args.until:
+        response = cancel(request(str(uuid.uuid4())))
+        statuses[response.status_code] += 1
+        if args.strategy == "none" and response.status_code == 429:
+            # a naive client: believe Retry-After, but do not outlive the run
+            pause = float(response.headers.get("Retry-After", "1"))
+            time.sleep(min(pause, max(0.0, args.until - time.time())))
+    json.dump({"statuses": dict(statuses), "acquire_ms": acquire_ms}, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

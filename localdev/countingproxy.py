@@ -1,0 +1,61 @@
+"""An HTTP proxy on loopback that forwards to one upstream and records every request it passes.
+
+Put in front of Azurite's table port, it counts the Table requests the app really makes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+
+from localdev.loopback import LoopbackServer, Request, Response
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "proxy-connection"}
+
+
+class CountingProxy:
+    def __init__(self, upstream_host: str, upstream_port: int, port: int = 0) -> None:
+        self._upstream = (upstream_host, upstream_port)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.requests: list[tuple[float, str, str]] = []  # (time.time(), method, path)
+        self._server = LoopbackServer(self.handle, port)
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    def start(self) -> CountingProxy:
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def count_since(self, since: float, path_contains: str = "") -> int:
+        with self._lock:
+            return sum(1 for at, _, path in self.requests if at >= since and path_contains in path)
+
+    def handle(self, request: Request) -> Response:
+        with self._lock:
+            self.requests.append((time.time(), request.method, request.path))
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        for reused in (True, False):
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                reused = False
+                conn = self._local.conn = http.client.HTTPConnection(*self._upstream, timeout=30)
+            try:
+                conn.request(request.method, request.raw_target, body=request.body or None, headers=headers)
+                upstream = conn.getresponse()
+                raw = upstream.read()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                self._local.conn = None
+                if reused:  # the upstream closed an idle keep-alive connection: once more, fresh
+                    continue
+                return Response(502, {"error": "proxy: upstream unreachable"})
+            passed = {k: v for k, v in upstream.getheaders() if k.lower() not in HOP_BY_HOP}
+            return Response(upstream.status, headers=passed, raw=raw)
+        return Response(502, {"error": "proxy: upstream unreachable"})

@@ -1,0 +1,84 @@
+"""The rate limiter's log in Table Storage: one entity per RATE_LIMIT_KEY, ETag-guarded.
+
+The whole log (at most the longest window's limit of int64 epoch-ms send times, 12 KB for 1500)
+is packed in one Edm.Binary property, so one conditional write admits a call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import UpdateMode
+
+from shared.errors import StateStoreUnavailable
+from shared.ratelimit import Conflict, Snapshot
+
+if TYPE_CHECKING:
+    from azure.data.tables import TableClient
+
+ROW_KEY = "sliding-log"
+MAX_ENTRIES = (64 * 1024 - 8) // 8  # Edm.Binary holds up to 64 KiB
+RETRY_AFTER_DOWN = 5
+
+
+def pack(log: Sequence[int], blocked_until: int) -> bytes:
+    return struct.pack(f"<q{len(log)}q", blocked_until, *log)
+
+
+def unpack(data: bytes) -> tuple[tuple[int, ...], int]:
+    values = struct.unpack(f"<{len(data) // 8}q", data)
+    return tuple(values[1:]), values[0] if values else 0
+
+
+def _unavailable(exc: AzureError) -> StateStoreUnavailable:
+    return StateStoreUnavailable(
+        f"The rate limit state cannot be reached: {type(exc).__name__}", retry_after=RETRY_AFTER_DOWN
+    )
+
+
+class TableSlidingLog:
+    def __init__(self, table: TableClient, key: str) -> None:
+        self._table = table
+        self._key = key
+
+    def read(self) -> Snapshot:
+        try:
+            entity = self._table.get_entity(self._key, ROW_KEY)
+        except ResourceNotFoundError:
+            return Snapshot((), 0, None)
+        except AzureError as exc:
+            raise _unavailable(exc) from None
+        log, blocked_until = unpack(bytes(entity.get("Log") or b""))
+        return Snapshot(log, blocked_until, entity.metadata["etag"])
+
+    def write(self, log: Sequence[int], blocked_until: int, etag: str | None) -> str:
+        if len(log) > MAX_ENTRIES:
+            raise StateStoreUnavailable("The rate limit log is larger than one entity can hold", retry_after=60)
+        entity: dict[str, Any] = {"PartitionKey": self._key, "RowKey": ROW_KEY, "Log": pack(log, blocked_until)}
+        try:
+            if etag is not None:
+                meta = self._table.update_entity(
+                    entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
+                )
+            else:
+                meta = self._create(entity)
+        except (ResourceModifiedError, ResourceExistsError):
+            raise Conflict from None
+        except AzureError as exc:
+            if getattr(exc, "status_code", None) == 412:
+                raise Conflict from None
+            raise _unavailable(exc) from None
+        return str(meta["etag"])
+
+    def _create(self, entity: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._table.create_entity(entity)
+        except ResourceNotFoundError:  # the table itself is gone (a state store rebuilt empty)
+            with contextlib.suppress(ResourceExistsError):
+                self._table.create_table()
+            return self._table.create_entity(entity)
