@@ -10,7 +10,7 @@ from shared.defender import DefenderClient
 from shared.ratelimit import RateLimiter
 from shared.service import CancelService
 from shared.settings import Settings
-from shared.storage import table_client
+from shared.storage import queue_client, table_client
 from shared.token import TokenProvider
 
 
@@ -25,24 +25,38 @@ _lock = threading.Lock()
 _app: App | None = None
 
 
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process's settings, read once; a SettingsError names the setting at fault."""
+    global _settings
+    if _settings is None:
+        _settings = Settings.from_env()
+    return _settings
+
+
 def get_app() -> App:
     """The process's App; a failed build (bad settings, storage down) is retried on the next call."""
     global _app
     if _app is None:
         with _lock:
             if _app is None:
-                _app = build_app(Settings.from_env())
+                _app = build_app(get_settings())
     return _app
 
 
 def reset_app() -> None:
-    """Forget the process's App, so the next call reads the environment again (tests, local host)."""
-    global _app
+    """Forget the process's settings and App, so the next call reads the environment again (tests)."""
+    global _app, _settings
     with _lock:
         _app = None
+        _settings = None
+    queue_client.cache_clear()
 
 
 def build_app(settings: Settings) -> App:
+    from shared.idempotency import IdempotencyStore
     from shared.ratelimit_table import TableSlidingLog
 
     tokens = TokenProvider(settings.token_scope, settings.client_id)
@@ -50,4 +64,5 @@ def build_app(settings: Settings) -> App:
     audit = AuditLog(table_client(settings.storage, settings.audit_table))
     store = TableSlidingLog(table_client(settings.storage, settings.rate_limit_table), settings.rate_limit_key)
     limiter = RateLimiter(store, settings.rate_limits, settings.safety_ms)
-    return App(settings, CancelService(defender, audit, limiter), limiter)
+    answers = IdempotencyStore(table_client(settings.storage, settings.idempotency_table))
+    return App(settings, CancelService(defender, audit, limiter, answers), limiter)

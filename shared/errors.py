@@ -68,3 +68,10 @@ class QuotaExceeded(AppError):
 
     status = 429
     code = "TooManyRequests"
+
+
+class RequestInProgress(AppError):
+    """A request with the same idempotency key is still being handled."""
+
+    status = 409
+    code = "RequestInProgress"

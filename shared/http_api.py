@@ -16,6 +16,8 @@ from shared.validation import correlation_id, parse_http_cancel
 logger = logging.getLogger(__name__)
 
 CORRELATION_HEADER = "x-correlation-id"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ def cancel(action_id: str, body: bytes, headers: Mapping[str, str]) -> Reply:
     correlation = correlation_id(headers.get(CORRELATION_HEADER))
     reply_headers = {CORRELATION_HEADER: correlation}
     try:
-        command = parse_http_cancel(action_id, body, correlation)
+        command = parse_http_cancel(action_id, body, correlation, headers.get(IDEMPOTENCY_HEADER))
         app = get_app()
         result = app.service.cancel(command, max_wait=app.settings.http_max_wait_seconds)
     except AppError as exc:
@@ -42,6 +44,8 @@ def cancel(action_id: str, body: bytes, headers: Mapping[str, str]) -> Reply:
         reply_headers["Retry-After"] = str(result.retry_after)
     if result.request_id:
         reply_headers["x-upstream-request-id"] = result.request_id
+    if result.replayed:
+        reply_headers[REPLAYED_HEADER] = "true"
     return Reply(result.status, result.body, reply_headers)
 
 

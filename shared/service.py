@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.audit import AuditLog, AuditRecord
 from shared.defender import DefenderClient
 from shared.errors import AppError
 from shared.validation import CancelCommand
+
+if TYPE_CHECKING:
+    from shared.idempotency import StoredAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -25,25 +28,68 @@ class QuotaGate(Protocol):
         """Defender answered 429 anyway: hold every instance off for `retry_after` seconds."""
 
 
+class AnswerStore(Protocol):
+    """Idempotency records, as the service sees them (see shared.idempotency)."""
+
+    def claim(self, key: str, action_id: str) -> StoredAnswer | None: ...
+
+    def complete(self, key: str, action_id: str, status: int, body: Any) -> None: ...
+
+    def release(self, key: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class CancelResult:
-    """Defender's answer, passed through unchanged."""
+    """Defender's answer, passed through unchanged (or replayed from an idempotency record)."""
 
     status: int
     body: Any
-    retry_after: int | None
-    request_id: str | None
-    attempts: int
+    retry_after: int | None = None
+    request_id: str | None = None
+    attempts: int = 0
+    replayed: bool = False
+
+
+def is_final(status: int) -> bool:
+    """An answer worth replaying: not throttled, not a server failure a retry could change."""
+    return status != 429 and status < 500
 
 
 class CancelService:
-    def __init__(self, defender: DefenderClient, audit: AuditLog, gate: QuotaGate | None = None) -> None:
+    def __init__(
+        self,
+        defender: DefenderClient,
+        audit: AuditLog,
+        gate: QuotaGate | None = None,
+        answers: AnswerStore | None = None,
+    ) -> None:
         self._defender = defender
         self._audit = audit
         self._gate = gate
+        self._answers = answers
 
     def cancel(self, command: CancelCommand, max_wait: float = 0.0) -> CancelResult:
-        """Cancel one machine action; AppError subclasses say why Defender gave no answer."""
+        """Cancel one machine action, at most once per idempotency key.
+
+        Raises AppError subclasses when Defender gave no answer (quota, state store, network)."""
+        key = command.idempotency_key if self._answers is not None else None
+        if key is None or self._answers is None:
+            return self._call(command, max_wait)
+        stored = self._answers.claim(key, command.action_id)
+        if stored is not None:
+            return CancelResult(stored.status, stored.body, replayed=True)
+        try:
+            result = self._call(command, max_wait)
+        except BaseException:
+            self._answers.release(key)  # no answer: a retry may call Defender
+            raise
+        if is_final(result.status):
+            self._answers.complete(key, command.action_id, result.status, result.body)
+        else:
+            self._answers.release(key)
+        return result
+
+    def _call(self, command: CancelCommand, max_wait: float) -> CancelResult:
         started = time.monotonic()
         attempts = 0
 

@@ -7,10 +7,12 @@ message that names the setting and what it accepts.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from shared.errors import SettingsError
@@ -44,6 +46,9 @@ KNOWN_DEFENDER_HOSTS = frozenset(
 
 DEFAULT_RATE_LIMITS = "100/60,1500/3600"
 DEFAULT_SAFETY_MS = 1000
+QUEUE_CONNECTION = "AzureWebJobsStorage"
+HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
+DEFAULT_MAX_DEQUEUE_COUNT = 5
 MAX_LOGGED_CALLS = 8000
 DEFAULT_TIMEOUT_SECONDS = 30.0
 DEFAULT_AUDIT_TABLE = "CancelAudit"
@@ -80,6 +85,8 @@ class Settings:
     client_id: str | None
     state_storage: str
     storage: StorageConnection
+    queue_storage: StorageConnection  # the queue trigger's connection (AzureWebJobsStorage)
+    max_dequeue_count: int
     rate_limits: tuple[RateWindow, ...]
     rate_limit_key: str
     safety_ms: int
@@ -105,6 +112,8 @@ class Settings:
             client_id=client_id,
             state_storage=state_storage,
             storage=parse_storage_connection(env, state_storage),
+            queue_storage=parse_storage_connection(env, QUEUE_CONNECTION, service="queue"),
+            max_dequeue_count=host_max_dequeue_count(),
             rate_limits=parse_rate_limits(_get(env, "RATE_LIMITS", DEFAULT_RATE_LIMITS)),
             rate_limit_key=_get(env, "RATE_LIMIT_KEY", f"{cloud}-{client_id or 'system'}"),
             safety_ms=_int(env, "RATE_LIMIT_SAFETY_MS", DEFAULT_SAFETY_MS),
@@ -190,7 +199,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def parse_storage_connection(env: Mapping[str, str], name: str) -> StorageConnection:
+def host_max_dequeue_count(host_json: Path = HOST_JSON) -> int:
+    """host.json's `extensions.queues.maxDequeueCount`: the one place the host reads it from."""
+    try:
+        queues = json.loads(host_json.read_text()).get("extensions", {}).get("queues", {})
+    except (OSError, ValueError):
+        return DEFAULT_MAX_DEQUEUE_COUNT
+    return int(queues.get("maxDequeueCount", DEFAULT_MAX_DEQUEUE_COUNT))
+
+
+def parse_storage_connection(env: Mapping[str, str], name: str, service: str = "table") -> StorageConnection:
     """The Functions convention: `<name>` is a connection string, or `<name>__*` names an identity."""
     conn = env.get(name, "").strip()
     if conn:
@@ -201,10 +219,11 @@ def parse_storage_connection(env: Mapping[str, str], name: str) -> StorageConnec
     if account:
         table_uri = table_uri or f"https://{account}.table.core.windows.net"
         queue_uri = queue_uri or f"https://{account}.queue.core.windows.net"
-    if not table_uri:
+    if not (table_uri if service == "table" else queue_uri):
         raise SettingsError(
-            f"STATE_STORAGE names the connection {name!r}, but neither {name} (a connection string) "
-            f"nor {name}__tableServiceUri / {name}__accountName (managed identity) is set"
+            f"The storage connection {name!r} is not set: set {name} (a connection string) or "
+            f"{name}__{service}ServiceUri / {name}__accountName (managed identity)"
+            + (" - STATE_STORAGE names it" if service == "table" else " - the queue trigger uses it")
         )
     client_id = env.get(f"{name}__clientId", "").strip() or None
     return StorageConnection(table_service_uri=table_uri, queue_service_uri=queue_uri or None, client_id=client_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import StateStoreUnavailable
@@ -9,6 +10,7 @@ from shared.settings import StorageConnection
 
 if TYPE_CHECKING:
     from azure.data.tables import TableClient
+    from azure.storage.queue import QueueClient
 
 # A state store that does not answer quickly is treated as down (fail closed), not waited on.
 STORAGE_CONNECT_TIMEOUT = 3
@@ -40,4 +42,37 @@ def table_client(conn: StorageConnection, table_name: str, **kwargs: Any) -> Tab
         pass
     except AzureError as exc:
         raise StateStoreUnavailable(f"The state store cannot be reached: {type(exc).__name__}", retry_after=5) from None
+    return client
+
+
+@functools.cache
+def queue_client(conn: StorageConnection, queue_name: str) -> QueueClient:
+    """A client for `queue_name` that speaks base64, as the Functions host expects; created if absent.
+
+    One per process and queue: a deferral is then one request, not two."""
+    from azure.core.exceptions import AzureError, ResourceExistsError
+    from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
+
+    options: dict[str, Any] = {
+        "message_encode_policy": TextBase64EncodePolicy(),
+        "message_decode_policy": TextBase64DecodePolicy(),
+        "connection_timeout": STORAGE_CONNECT_TIMEOUT,
+        "read_timeout": STORAGE_READ_TIMEOUT,
+        "retry_total": STORAGE_RETRY_TOTAL,
+    }
+    if conn.connection_string:
+        client = QueueClient.from_connection_string(conn.connection_string, queue_name, **options)
+    else:
+        from azure.identity import ManagedIdentityCredential
+
+        credential = ManagedIdentityCredential(client_id=conn.client_id)
+        client = QueueClient(str(conn.queue_service_uri), queue_name, credential=credential, **options)
+    try:
+        client.create_queue()
+    except ResourceExistsError:
+        pass
+    except AzureError as exc:
+        raise StateStoreUnavailable(
+            f"The queue service cannot be reached: {type(exc).__name__}", retry_after=5
+        ) from None
     return client

@@ -14,6 +14,7 @@ from shared.errors import InvalidRequest
 MAX_BODY_BYTES = 64 * 1024
 _GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as the IETF draft's examples
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class CancelCommand:
     comment: str
     correlation_id: str
     source: str  # "http" or "queue"
+    idempotency_key: str | None = None
 
 
 def parse_action_id(raw: object) -> str:
@@ -61,8 +63,16 @@ def correlation_id(given: str | None) -> str:
     return str(uuid.uuid4())
 
 
-def parse_http_cancel(action_id: str, body: bytes, correlation: str) -> CancelCommand:
+def parse_idempotency_key(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(raw):
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 visible ASCII characters")
+    return raw
+
+
+def parse_http_cancel(action_id: str, body: bytes, correlation: str, idempotency_key: str | None) -> CancelCommand:
     """Validate an HTTP cancel; raises InvalidRequest before anything is sent upstream."""
     action = parse_action_id(action_id)
     comment = parse_comment(parse_json_object(body))
-    return CancelCommand(action, comment, correlation, "http")
+    return CancelCommand(action, comment, correlation, "http", parse_idempotency_key(idempotency_key))

@@ -82,12 +82,12 @@ def test_a_wrong_value_fails_naming_the_setting(env: dict[str, str], names: str)
 
 
 def test_missing_storage_connection_names_both_forms() -> None:
-    with pytest.raises(SettingsError, match=r"STATE_STORAGE.*MyState__tableServiceUri"):
-        Settings.from_env({"STATE_STORAGE": "MyState"})
+    with pytest.raises(SettingsError, match=r"MyState__tableServiceUri.*STATE_STORAGE"):
+        Settings.from_env({"STATE_STORAGE": "MyState", **BASE})
 
 
 def test_identity_based_storage_connection() -> None:
-    s = Settings.from_env({"STATE_STORAGE": "State", "State__accountName": "stcancel", "State__clientId": "cid"})
+    s = Settings.from_env({"STATE_STORAGE": "State", "State__accountName": "stcancel", "State__clientId": "cid", **BASE})
 
     assert s.storage.connection_string is None
     assert s.storage.table_service_uri == "https://stcancel.table.core.windows.net"

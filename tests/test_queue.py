@@ -1,0 +1,186 @@
+"""The queue trigger against Azurite's real queues, run with the host's semantics (localdev.queuehost)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from localdev.azurite import Azurite
+from localdev.defender import DefenderSimulator, Fault
+from localdev.queuehost import QueueFunction, open_queue
+from shared import queue_api
+from tests.conftest import GUID
+
+ROOT = Path(__file__).resolve().parent.parent
+QUEUES = (queue_api.QUEUE, queue_api.RESULTS_QUEUE, queue_api.QUEUE + "-poison")
+RESULT_FIELDS = {"correlationId", "machineActionId", "status", "body", "outcome", "attempts", "completedAt"}
+
+
+class Queues:
+    def __init__(self, conn: str) -> None:
+        self.clients = {name: open_queue(conn, name) for name in QUEUES}
+        for client in self.clients.values():
+            client.clear_messages()
+
+    def put(self, message: Any) -> None:
+        text = message if isinstance(message, str) else json.dumps(message)
+        self.clients[queue_api.QUEUE].send_message(base64.b64encode(text.encode()).decode())
+
+    def take(self, name: str) -> list[str]:
+        client = self.clients[name]
+        out = []
+        for message in client.receive_messages(max_messages=32, messages_per_page=32):
+            out.append(base64.b64decode(message.content).decode())
+            client.delete_message(message)
+        return out
+
+    def count(self, name: str) -> int:
+        return int(self.clients[name].get_queue_properties().approximate_message_count or 0)
+
+
+@pytest.fixture
+def queues(app_env: dict[str, str], azurite: Azurite) -> Queues:
+    return Queues(azurite.connection_string)
+
+
+@pytest.fixture
+def host(app_env: dict[str, str], azurite: Azurite) -> Iterator[QueueFunction]:
+    yield QueueFunction(ROOT / "CancelMachineActionQueue", azurite.connection_string, visibility_timeout=0.2)
+
+
+def run_until_results(host: QueueFunction, queues: Queues, count: int, timeout: float = 20) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+
+    def enough() -> bool:
+        got.extend(json.loads(r) for r in queues.take(queue_api.RESULTS_QUEUE))
+        return len(got) >= count
+
+    assert host.drain(enough, timeout), f"only {len(got)} of {count} results"
+    return got
+
+
+def test_a_message_yields_one_result_with_the_contract_fields(
+    host: QueueFunction, queues: Queues, sim: DefenderSimulator
+) -> None:
+    action_id = sim.add_action("InProgress")
+    queues.put({"machineActionId": action_id, "comment": "from a playbook", "correlationId": "playbook-run-1"})
+
+    [result] = run_until_results(host, queues, 1)
+
+    assert set(result) >= RESULT_FIELDS
+    assert (result["correlationId"], result["machineActionId"]) == ("playbook-run-1", action_id)
+    assert (result["status"], result["outcome"], result["attempts"]) == (200, "cancelled", 1)
+    assert result["body"] == json.loads(sim.calls()[0].response)
+    assert queues.count(queue_api.QUEUE) == 0 and queues.count(QUEUES[2]) == 0
+
+
+def test_an_upstream_4xx_is_a_final_result(host: QueueFunction, queues: Queues, sim: DefenderSimulator) -> None:
+    queues.put({"machineActionId": GUID, "comment": "unknown id"})
+
+    [result] = run_until_results(host, queues, 1)
+
+    assert (result["status"], result["outcome"]) == (404, "upstream_rejected")
+    assert result["correlationId"]  # one was made for it
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "not json",
+        "[1, 2]",
+        json.dumps({"machineActionId": "../machines", "comment": "x"}),
+        json.dumps({"machineActionId": GUID}),
+        json.dumps({"machineActionId": GUID, "comment": ""}),
+        json.dumps({"machineActionId": GUID, "comment": "x", "correlationId": "bad id with spaces"}),
+    ],
+)
+def test_an_invalid_message_yields_one_rejected_result_quoting_it(
+    host: QueueFunction, queues: Queues, sim: DefenderSimulator, raw: str
+) -> None:
+    queues.put(raw)
+
+    [result] = run_until_results(host, queues, 1)
+
+    assert result["outcome"] == "rejected" and result["status"] is None
+    assert result["body"]["message"] == raw and result["body"]["error"]["code"]
+    assert sim.calls("") == []
+    assert host.invocations == 1  # never retried
+    assert queues.count(QUEUES[2]) == 0
+
+
+def test_a_rate_limited_message_reappears_after_its_delay_and_succeeds(
+    host: QueueFunction, queues: Queues, sim: DefenderSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RATE_LIMITS", "1/2")
+    monkeypatch.setenv("RATE_LIMIT_SAFETY_MS", "50")
+    monkeypatch.setattr(queue_api, "INLINE_WAIT_SECONDS", 0.0)  # defer rather than sleep in place
+    first, second = sim.add_action(), sim.add_action()
+    queues.put({"machineActionId": first, "comment": "one", "correlationId": "c-1"})
+    queues.put({"machineActionId": second, "comment": "two", "correlationId": "c-2"})
+
+    results = {r["correlationId"]: r for r in run_until_results(host, queues, 2)}
+
+    assert results["c-1"]["status"] == results["c-2"]["status"] == 200
+    deferred = max(results.values(), key=lambda r: r["attempts"])
+    assert deferred["attempts"] == 2  # one deferral, then the run that succeeded
+    arrivals = sorted(c.at for c in sim.calls())
+    assert len(arrivals) == 2 and arrivals[1] - arrivals[0] >= 2.0
+    assert queues.count(QUEUES[2]) == 0
+
+
+def test_a_message_that_keeps_failing_gets_a_failed_result_and_lands_in_poison(
+    host: QueueFunction, queues: Queues, sim: DefenderSimulator
+) -> None:
+    sim.inject(Fault("status", count=0, status=500))
+    action_id = sim.add_action()
+    queues.put({"machineActionId": action_id, "comment": "flaky", "correlationId": "c-poison"})
+
+    [result] = run_until_results(host, queues, 1)
+    assert host.drain(lambda: queues.count(QUEUES[2]) == 1, 10)
+
+    assert (result["outcome"], result["status"], result["attempts"]) == ("failed", 500, host.max_dequeue_count)
+    assert len(sim.calls()) == host.max_dequeue_count
+    assert host.invocations == host.max_dequeue_count
+    [poisoned] = queues.take(QUEUES[2])
+    assert json.loads(poisoned)["correlationId"] == "c-poison"
+
+
+def test_a_duplicate_correlation_id_calls_defender_once_and_replays(
+    host: QueueFunction, queues: Queues, sim: DefenderSimulator
+) -> None:
+    action_id = sim.add_action()
+    message = {"machineActionId": action_id, "comment": "dup", "correlationId": "c-dup"}
+    queues.put(message)
+    queues.put(message)
+
+    results = run_until_results(host, queues, 2)
+
+    assert len(sim.calls()) == 1
+    assert [r["status"] for r in results] == [200, 200]
+    assert sorted(r.get("replayed", False) for r in results) == [False, True]
+
+
+def test_a_message_whose_key_is_in_flight_is_deferred_not_failed(
+    host: QueueFunction, queues: Queues, sim: DefenderSimulator, azurite: Azurite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.idempotency import IdempotencyStore
+    from shared.settings import DEFAULT_IDEMPOTENCY_TABLE, StorageConnection
+    from shared.storage import table_client
+
+    monkeypatch.setattr(queue_api, "IN_FLIGHT_DEFER_SECONDS", 1)
+    action_id = sim.add_action()
+    store = IdempotencyStore(table_client(StorageConnection(azurite.connection_string), DEFAULT_IDEMPOTENCY_TABLE))
+    assert store.claim("c-busy", action_id) is None  # another instance is calling Defender
+    queues.put({"machineActionId": action_id, "comment": "busy", "correlationId": "c-busy"})
+    assert host.poll_once() == 1 and queues.take(queue_api.RESULTS_QUEUE) == []
+    store.release("c-busy")  # the other instance gave up without an answer
+
+    [result] = run_until_results(host, queues, 1)
+
+    assert (result["status"], result["attempts"]) == (200, 2)
+    assert len(sim.calls()) == 1
