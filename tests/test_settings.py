@@ -87,7 +87,9 @@ def test_missing_storage_connection_names_both_forms() -> None:
 
 
 def test_identity_based_storage_connection() -> None:
-    s = Settings.from_env({"STATE_STORAGE": "State", "State__accountName": "stcancel", "State__clientId": "cid", **BASE})
+    s = Settings.from_env(
+        {"STATE_STORAGE": "State", "State__accountName": "stcancel", "State__clientId": "cid", **BASE}
+    )
 
     assert s.storage.connection_string is None
     assert s.storage.table_service_uri == "https://stcancel.table.core.windows.net"
