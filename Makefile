@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 
-.PHONY: test lint typecheck unit run bench deps tools clean
+.PHONY: test lint typecheck run bench deps tools clean
 
 test: deps tools lint typecheck
 	$(PY) -m pytest
@@ -29,8 +29,15 @@ tools/node_modules/.stamp-azurite: tools/package.json
 	cd tools && npm install --no-audit --no-fund --no-package-lock --loglevel=error
 	touch $@
 
+# The local stack on the standard ports (app 7071, simulator 7080, identity 7081, Azurite
+# 10000-10002). Pass options through RUN_ARGS, e.g. make run RUN_ARGS="--port 7072 --seed 10".
+run: deps tools
+	$(PY) -m localdev.stack $(RUN_ARGS)
+
 bench: deps tools
 	$(PY) -m bench.overhead
+	$(PY) -m bench.limiter
+	$(PY) -m bench.queue
 
 clean:
 	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache .ruff_cache bench/results

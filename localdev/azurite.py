@@ -55,6 +55,10 @@ class Azurite:
             f"TableEndpoint={base}:{self.table_port}/{ACCOUNT};"
         )
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
     def start(self) -> Azurite:
         command = [
             azurite_binary(),

@@ -18,6 +18,7 @@ import importlib
 import json
 import logging
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,6 +87,8 @@ class QueueFunction:
             else timespan_seconds(queues.get("visibilityTimeout", "00:00:00"))
         )
         self.base64 = queues.get("messageEncoding", "base64") == "base64"
+        if str(folder.parent) not in sys.path:  # function folders import as top-level packages
+            sys.path.insert(0, str(folder.parent))
         self._main: Callable[..., Any] = importlib.import_module(folder.name).main
         self._conn = connection_string
         self._clients: dict[str, QueueClient] = {}
@@ -154,3 +157,37 @@ class QueueFunction:
                     return True
                 time.sleep(interval)
         return until()
+
+
+def run_until_empty(
+    function: QueueFunction, until: float, idle_polls: int = 5, busy: Callable[[], bool] = lambda: False
+) -> None:
+    """Poll until `until`, or until the trigger queue has held no message (visible or deferred) for
+    `idle_polls` polls in a row and `busy()` is false."""
+    trigger = function.client(function.queue_name)
+    idle = 0
+    while time.time() < until and (busy() or idle < idle_polls):
+        if function.poll_once():
+            idle = 0
+            continue
+        idle = 0 if trigger.get_queue_properties().approximate_message_count else idle + 1
+        time.sleep(0.1)
+
+
+def main() -> None:
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(description="Run a queue-triggered function folder as the host would")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--until", type=float, required=True, help="epoch seconds to stop at the latest")
+    parser.add_argument("--visibility-timeout", type=float, default=None)
+    args = parser.parse_args()
+    conn = os.environ["AzureWebJobsStorage"]  # noqa: SIM112 - the Functions setting's own name
+    function = QueueFunction(args.folder.resolve(), conn, visibility_timeout=args.visibility_timeout)
+    run_until_empty(function, args.until)
+    print(json.dumps({"invocations": function.invocations}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

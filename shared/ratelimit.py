@@ -85,7 +85,8 @@ def window_stats(
     stats = []
     for window, secs in zip(windows, seconds, strict=True):
         used = len(log) - bisect.bisect_right(log, now - window.ms)
-        stats.append(WindowStats(window.limit, secs, used, earliest_slot(log, [window], now)))
+        next_free = now if used < window.limit else earliest_slot(log, [window], now)
+        stats.append(WindowStats(window.limit, secs, used, next_free))
     return stats
 
 
@@ -131,7 +132,11 @@ class RateLimiter:
         self._seconds = [w.seconds for w in windows]
         self._windows = windows_with_margin(windows, margin_ms)
         self._horizon = max(w.ms for w in self._windows)
+        # A send may reach Defender up to margin/2 after its logged time (else the slot is given up)
+        # or up to margin/4 before it (no sleep for so little); the rest of the margin covers the
+        # network and clock skew. Two sends logged `ms + margin` apart thus arrive over `ms` apart.
         self._slip_ms = max(1, margin_ms // 2)
+        self._early_ms = margin_ms // 4
         self._clock = clock
         self._sleep = sleep
         self._cached: Snapshot | None = None
@@ -170,8 +175,8 @@ class RateLimiter:
             self._latencies.append(written - now)
             if written > slot + self._slip_ms:
                 continue  # our write came back after the reserved time: give that slot up
-            if slot > written:
-                self._sleep((slot - written) / 1000)
+            if slot - self._early_ms > written:
+                self._sleep((slot - self._early_ms - written) / 1000)
             return
 
     def throttled(self, retry_after: int) -> None:

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import azure.functions as func
 
-from localdev.queuehost import QueueFunction
+from localdev.queuehost import QueueFunction, run_until_empty
 
 ROOT = Path(__file__).resolve().parent.parent
-IDLE_POLLS_TO_STOP = 5
 
 
 def send_http(jobs: list[dict[str, str]], answers: list[dict[str, object]], until: float) -> None:
@@ -51,17 +50,7 @@ def main() -> None:
     answers: list[dict[str, object]] = []
     sender = threading.Thread(target=send_http, args=(spec["http"], answers, until))
     sender.start()
-    idle = 0  # polls in a row that found the queue empty, deferred (invisible) messages included
-    trigger = host.client(host.queue_name)
-    while time.time() < until and (sender.is_alive() or idle < IDLE_POLLS_TO_STOP):
-        if host.poll_once():
-            idle = 0
-        elif trigger.get_queue_properties().approximate_message_count:
-            idle = 0
-            time.sleep(0.1)
-        else:
-            idle += 1
-            time.sleep(0.1)
+    run_until_empty(host, until, busy=sender.is_alive)
     sender.join()
     print(json.dumps({"http": answers, "invocations": host.invocations}))
 
