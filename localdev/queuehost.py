@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--until", type=float, required=True, help="epoch seconds to stop at the latest")
     parser.add_argument("--visibility-timeout", type=float, default=None)
     args = parser.parse_args()
-    conn = os.environ["AzureWebJobsStorage"]  # noqa: SIM112 - the Functions setting's own name
+    conn = os.environ["AzureWebJobsStorage"]
     function = QueueFunction(args.folder.resolve(), conn, visibility_timeout=args.visibility_timeout)
     run_until_empty(function, args.until)
     print(json.dumps({"invocations": function.invocations}), flush=True)

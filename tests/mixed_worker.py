@@ -45,7 +45,7 @@ def send_http(jobs: list[dict[str, str]], answers: list[dict[str, object]], unti
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     until = float(spec["until"])
-    conn = os.environ["AzureWebJobsStorage"]  # noqa: SIM112 - the Functions setting's own name
+    conn = os.environ["AzureWebJobsStorage"]
     host = QueueFunction(ROOT / "CancelMachineActionQueue", conn, visibility_timeout=1)
     answers: list[dict[str, object]] = []
     sender = threading.Thread(target=send_http, args=(spec["http"], answers, until))

@@ -40,3 +40,16 @@ def test_runtime_requirements_are_pinned_and_have_no_dev_tools() -> None:
     assert all("==" in ln for ln in lines)
     assert {"azure-functions", "azure-identity", "requests", "azure-data-tables", "azure-storage-queue"} <= names
     assert not names & {"pytest", "mypy", "ruff", "hypothesis"}
+
+
+def test_make_run_calls_the_script_the_e2e_tests_drive() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+
+    assert "-m localdev.stack" in makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
+
+
+def test_every_function_folder_is_thin() -> None:
+    for folder in ROOT.glob("*/function.json"):
+        code = (folder.parent / "__init__.py").read_text()
+        assert len(code.splitlines()) <= 30, folder.parent.name
+        assert "from shared import" in code
