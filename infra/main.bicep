@@ -1,0 +1,156 @@
+// Cancel Machine Action: a Flex Consumption Function App with a user-assigned identity, identity-only
+// storage (shared keys off), Application Insights with Entra authentication, and every app setting
+// of the contract. Deploy with `azd up`; then grant the identity a Defender app role with
+// infra/grant-defender-permissions.sh (or .ps1).
+targetScope = 'subscription'
+
+@minLength(1)
+@maxLength(64)
+@description('Name of the azd environment; names and tags derive from it.')
+param environmentName string
+
+@minLength(1)
+@description('Azure region for every resource.')
+param location string
+
+@description('Resource group name; empty = rg-<environmentName>.')
+param resourceGroupName string = ''
+
+@description('Function app name; empty = a unique name.')
+param functionAppName string = ''
+
+@description('Storage account name; empty = a unique name.')
+param storageAccountName string = ''
+
+@allowed(['Public', 'GCC', 'GCCHigh', 'DoD'])
+@description('Defender cloud: picks the API host and the token scope (DEFENDER_CLOUD).')
+param defenderCloud string = 'Public'
+
+@description('Optional regional API root, e.g. https://eu.api.security.microsoft.com (DEFENDER_API_BASE_URL). Empty = by cloud.')
+param defenderApiBaseUrl string = ''
+
+@description('Optional token scope override (DEFENDER_TOKEN_SCOPE). Empty = by cloud.')
+param defenderTokenScope string = ''
+
+@description('Rolling rate windows, COUNT/SECONDS comma list (RATE_LIMITS).')
+param rateLimits string = '100/60,1500/3600'
+
+@description('The shared quota key (RATE_LIMIT_KEY). Empty = cloud + identity.')
+param rateLimitKey string = ''
+
+@description('Margin added to every window, in ms (RATE_LIMIT_SAFETY_MS).')
+param rateLimitSafetyMs int = 1000
+
+@description('How long the HTTP trigger may wait for a slot before answering 429 (HTTP_MAX_WAIT_SECONDS).')
+param httpMaxWaitSeconds int = 0
+
+@description('Total time budget of one upstream cancel, in seconds (DEFENDER_TIMEOUT_SECONDS).')
+param defenderTimeoutSeconds int = 30
+
+@description('App ids / object ids allowed to call when App Service Authentication is on (ALLOWED_CALLERS). Needs authClientId.')
+param allowedCallers string = ''
+
+@description('Entra app registration (client id) that fronts the app with App Service Authentication. Empty = function keys only.')
+param authClientId string = ''
+
+@description('Maximum instances of the Flex Consumption plan.')
+@minValue(1)
+@maxValue(1000)
+param maximumInstanceCount int = 40
+
+var abbrs = loadJsonContent('./abbreviations.json')
+var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
+var tags = { 'azd-env-name': environmentName }
+var functionName = !empty(functionAppName) ? functionAppName : '${abbrs.webSitesFunctions}${resourceToken}'
+var deploymentContainer = 'app-package-${take(functionName, 32)}-${take(resourceToken, 7)}'
+
+resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
+  name: !empty(resourceGroupName) ? resourceGroupName : '${abbrs.resourcesResourceGroups}${environmentName}'
+  location: location
+  tags: tags
+}
+
+module identity 'app/identity.bicep' = {
+  name: 'identity'
+  scope: rg
+  params: {
+    name: '${abbrs.managedIdentityUserAssignedIdentities}${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module storage 'app/storage.bicep' = {
+  name: 'storage'
+  scope: rg
+  params: {
+    name: !empty(storageAccountName) ? storageAccountName : '${abbrs.storageStorageAccounts}${resourceToken}'
+    location: location
+    tags: tags
+    deploymentContainer: deploymentContainer
+  }
+}
+
+module monitoring 'app/monitoring.bicep' = {
+  name: 'monitoring'
+  scope: rg
+  params: {
+    logAnalyticsName: '${abbrs.operationalInsightsWorkspaces}${resourceToken}'
+    appInsightsName: '${abbrs.insightsComponents}${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module rbac 'app/rbac.bicep' = {
+  name: 'rbac'
+  scope: rg
+  params: {
+    storageAccountName: storage.outputs.name
+    appInsightsName: monitoring.outputs.appInsightsName
+    principalId: identity.outputs.principalId
+  }
+}
+
+module api 'app/api.bicep' = {
+  name: 'api'
+  scope: rg
+  params: {
+    name: functionName
+    location: location
+    tags: union(tags, { 'azd-service-name': 'api' })
+    planName: '${abbrs.webServerFarms}${resourceToken}'
+    identityId: identity.outputs.id
+    identityClientId: identity.outputs.clientId
+    storageAccountName: storage.outputs.name
+    deploymentContainer: deploymentContainer
+    appInsightsConnectionString: monitoring.outputs.connectionString
+    maximumInstanceCount: maximumInstanceCount
+    authClientId: authClientId
+    appSettings: {
+      DEFENDER_CLOUD: defenderCloud
+      DEFENDER_API_BASE_URL: defenderApiBaseUrl
+      DEFENDER_TOKEN_SCOPE: defenderTokenScope
+      DEFENDER_TIMEOUT_SECONDS: string(defenderTimeoutSeconds)
+      AZURE_CLIENT_ID: identity.outputs.clientId
+      STATE_STORAGE: 'AzureWebJobsStorage'
+      RATE_LIMITS: rateLimits
+      RATE_LIMIT_KEY: rateLimitKey
+      RATE_LIMIT_SAFETY_MS: string(rateLimitSafetyMs)
+      HTTP_MAX_WAIT_SECONDS: string(httpMaxWaitSeconds)
+      ALLOWED_CALLERS: allowedCallers
+      AUDIT_TABLE: 'CancelAudit'
+      RATE_LIMIT_TABLE: 'CancelRateLimit'
+      IDEMPOTENCY_TABLE: 'CancelIdempotency'
+    }
+  }
+  dependsOn: [rbac]
+}
+
+output AZURE_LOCATION string = location
+output AZURE_RESOURCE_GROUP string = rg.name
+output AZURE_FUNCTION_APP_NAME string = api.outputs.name
+output SERVICE_API_URI string = api.outputs.uri
+output FUNCTION_APP_URL string = api.outputs.uri
+output IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
+output IDENTITY_CLIENT_ID string = identity.outputs.clientId

@@ -1,0 +1,200 @@
+"""The deployment pieces hold together: Bicep, local settings, README, OpenAPI, examples, grant script."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from openapi_spec_validator import validate
+from pycep import BicepParser
+
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+BICEP = sorted((ROOT / "infra").rglob("*.bicep"))
+MAIN = (ROOT / "infra/main.bicep").read_text()
+
+# The contract's settings and their defaults ("" = unset; None = derived, so no fixed default).
+CONTRACT_SETTINGS: dict[str, str | None] = {
+    "DEFENDER_CLOUD": "Public",
+    "DEFENDER_API_BASE_URL": None,
+    "DEFENDER_TOKEN_SCOPE": None,
+    "AZURE_CLIENT_ID": "",
+    "STATE_STORAGE": "AzureWebJobsStorage",
+    "RATE_LIMITS": "100/60,1500/3600",
+    "RATE_LIMIT_KEY": None,
+    "RATE_LIMIT_SAFETY_MS": "1000",
+    "HTTP_MAX_WAIT_SECONDS": "0",
+    "ALLOWED_CALLERS": "",
+}
+DERIVED = {
+    "DEFENDER_API_BASE_URL": "by cloud",
+    "DEFENDER_TOKEN_SCOPE": "by cloud",
+    "RATE_LIMIT_KEY": "cloud + identity",
+}
+
+
+def bicep_app_settings() -> dict[str, str]:
+    block = MAIN.split("appSettings: {", 1)[1].split("\n    }", 1)[0]
+    return dict(re.findall(r"^\s+(\w+): (.+?)\s*$", block, re.M))
+
+
+def bicep_param_defaults() -> dict[str, str]:
+    return {name: value.strip("'") for name, value in re.findall(r"^param (\w+) \w+ = (.+)$", MAIN, re.M)}
+
+
+def readme_defaults() -> dict[str, str]:
+    readme = (ROOT / "README.md").read_text()
+    return {name: default for name, default in re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", readme, re.M)}
+
+
+def bicep_default(expression: str) -> str:
+    literal = re.fullmatch(r"'(.*)'", expression)
+    if literal:
+        return literal.group(1)
+    param = re.fullmatch(r"(?:string\()?(\w+)\)?", expression)
+    assert param, f"unexpected setting expression {expression!r}"
+    return bicep_param_defaults()[param.group(1)]
+
+
+@pytest.mark.parametrize("name", CONTRACT_SETTINGS)
+def test_every_contract_setting_is_in_bicep_local_settings_and_readme_with_one_default(name: str) -> None:
+    default = CONTRACT_SETTINGS[name]
+    bicep, local, readme = (
+        bicep_app_settings(),
+        json.loads((ROOT / "local.settings.sample.json").read_text())["Values"],
+        readme_defaults(),
+    )
+
+    assert name in bicep and name in local and name in readme
+    if name == "AZURE_CLIENT_ID":  # deployed with the user-assigned identity; unset locally
+        assert bicep[name] == "identity.outputs.clientId" and local[name] == "" and readme[name] == "unset"
+        return
+    if default is None:
+        assert readme[name] == DERIVED[name]
+        assert bicep_default(bicep[name]) == ""  # empty = derived, as the app reads it
+        return
+    assert bicep_default(bicep[name]) == default
+    assert local[name] == default
+    assert readme[name] in (f"`{default}`", "unset" if default == "" else f"`{default}`")
+
+
+def test_code_defaults_agree_with_the_contract() -> None:
+    s = Settings.from_env({"AzureWebJobsStorage": "UseDevelopmentStorage=true"})
+
+    assert (s.cloud, s.state_storage, s.safety_ms, s.http_max_wait_seconds) == (
+        "Public",
+        "AzureWebJobsStorage",
+        1000,
+        0,
+    )
+    assert ",".join(f"{w.limit}/{w.seconds:g}" for w in s.rate_limits) == CONTRACT_SETTINGS["RATE_LIMITS"]
+
+
+@pytest.mark.parametrize("path", BICEP, ids=[p.name for p in BICEP])
+def test_bicep_parses_and_holds_no_secret(path: Path) -> None:
+    parsed = BicepParser().parse(file_path=path)
+    text = path.read_text()
+
+    assert parsed["resources"] or parsed.get("modules")
+    for forbidden in ("listKeys", "AccountKey", "DefaultEndpointsProtocol", "SharedAccessKey", "SharedAccessSignature",
+                      "connectionString:", "password", "@secure"):  # fmt: skip
+        assert forbidden not in text, f"{path.name} has {forbidden}"
+
+
+def test_storage_is_identity_only_with_scoped_roles() -> None:
+    storage = (ROOT / "infra/app/storage.bicep").read_text()
+    api = (ROOT / "infra/app/api.bicep").read_text()
+    rbac = (ROOT / "infra/app/rbac.bicep").read_text()
+
+    assert "allowSharedKeyAccess: false" in storage
+    assert "AzureWebJobsStorage__credential: 'managedidentity'" in api
+    assert "tier: 'FlexConsumption'" in api and "name: 'python', version: '3.11'" in api
+    for role in ("b7e6dc6d-f1e8-4753-8033-0f276bb0955b", "974c5e8b-45b9-4653-ba55-5f855dd0fb88",
+                 "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3"):  # fmt: skip
+        assert role in rbac
+    assert "scope: storage" in rbac
+    assert "DisableLocalAuth: true" in (ROOT / "infra/app/monitoring.bicep").read_text()
+    assert "output FUNCTION_APP_URL" in MAIN and "output IDENTITY_PRINCIPAL_ID" in MAIN
+
+
+def test_openapi_is_valid_swagger_2_and_matches_the_http_routes() -> None:
+    spec = json.loads((ROOT / "openapi.json").read_text())
+    validate(spec)
+    routes = set()
+    for function_json in ROOT.glob("*/function.json"):
+        trigger = json.loads(function_json.read_text())["bindings"][0]
+        if trigger["type"] == "httpTrigger":
+            routes |= {(f"/{trigger['route']}", method) for method in trigger["methods"]}
+
+    documented = {(path, method) for path, ops in spec["paths"].items() for method in ops}
+    assert spec["swagger"] == "2.0" and spec["basePath"] == "/api"
+    assert documented == routes
+    for ops in spec["paths"].values():
+        for op in ops.values():
+            assert all("schema" in r for r in op["responses"].values())
+
+
+def test_sentinel_playbook_is_a_valid_arm_template() -> None:
+    template = json.loads((ROOT / "examples/sentinel-playbook.json").read_text())
+
+    assert template["$schema"].endswith("deploymentTemplate.json#")
+    assert template["contentVersion"] and isinstance(template["resources"], list)
+    assert all({"type", "apiVersion", "name"} <= set(r) for r in template["resources"])
+    workflow = next(r for r in template["resources"] if r["type"] == "Microsoft.Logic/workflows")
+    definition = workflow["properties"]["definition"]
+    assert definition["triggers"] and definition["actions"]
+    actions = json.dumps(definition["actions"])
+    assert '"type": "Function"' in actions and "/Incidents/Comment" in actions
+    assert "listKeys" not in json.dumps(template) and "code=" not in json.dumps(template)
+
+
+def test_grant_script_dry_run_prints_the_exact_graph_calls() -> None:
+    principal, sp, role = (
+        "11111111-2222-3333-4444-555555555555", "aaaaaaaa-2222-3333-4444-555555555555",
+        "bbbbbbbb-2222-3333-4444-555555555555",
+    )  # fmt: skip
+    out = subprocess.run(
+        ["bash", str(ROOT / "infra/grant-defender-permissions.sh"), "--principal-id", principal, "--dry-run",
+         "--resource-sp-id", sp, "--app-role-id", role],
+        capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"},
+    ).stdout  # fmt: skip
+
+    assert f"GET https://graph.microsoft.com/v1.0/servicePrincipals/{principal}/appRoleAssignments" in out
+    assert f"POST https://graph.microsoft.com/v1.0/servicePrincipals/{sp}/appRoleAssignedTo" in out
+    body = json.loads(out.strip().splitlines()[-1])
+    assert body == {"principalId": principal, "resourceId": sp, "appRoleId": role}
+
+
+def test_grant_script_dry_run_looks_up_the_defender_service_principal_first() -> None:
+    out = subprocess.run(
+        ["bash", str(ROOT / "infra/grant-defender-permissions.sh"), "--principal-id",
+         "11111111-2222-3333-4444-555555555555", "--dry-run", "--cloud", "GCCHigh"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+
+    assert out.startswith(
+        "1. GET https://graph.microsoft.us/v1.0/servicePrincipals?$filter=appId%20eq%20"
+        "'fc780465-2017-40d4-a0c5-307022471b92'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--principal-id", "not-a-guid"], "GUID"), (["--principal-id", "11111111-2222-3333-4444-555555555555",
+      "--role", "Machine.Nope"], "--role must be one of")],
+)  # fmt: skip
+def test_grant_script_refuses_bad_input_clearly(args: list[str], message: str) -> None:
+    run = subprocess.run(["bash", str(ROOT / "infra/grant-defender-permissions.sh"), *args, "--dry-run"],
+                         capture_output=True, text=True)  # fmt: skip
+
+    assert run.returncode == 2 and message in run.stderr
+
+
+def test_azd_project_points_at_the_function_app() -> None:
+    azure_yaml = (ROOT / "azure.yaml").read_text()
+
+    assert "host: function" in azure_yaml and "language: python" in azure_yaml
