@@ -8,7 +8,7 @@ from shared import http_api
 
 
 def main(req: func.HttpRequest) -> func.HttpResponse:
-    reply = http_api.quota()
+    reply = http_api.quota(req.headers)
     return func.HttpResponse(
         json.dumps(reply.body), status_code=reply.status, headers=reply.headers, mimetype="application/json"
     )

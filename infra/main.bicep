@@ -142,6 +142,7 @@ module api 'app/api.bicep' = {
       AUDIT_TABLE: 'CancelAudit'
       RATE_LIMIT_TABLE: 'CancelRateLimit'
       IDEMPOTENCY_TABLE: 'CancelIdempotency'
+      IDEMPOTENCY_LEASE_SECONDS: '360'
     }
   }
   dependsOn: [rbac]

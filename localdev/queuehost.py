@@ -72,6 +72,7 @@ class QueueFunction:
         connection_string: str,
         host_json: Path = REPO / "host.json",
         visibility_timeout: float | None = None,
+        lease_seconds: int = 30,
     ) -> None:
         bindings = json.loads((folder / "function.json").read_text())["bindings"]
         trigger = next(b for b in bindings if b["type"] == "queueTrigger")
@@ -91,6 +92,7 @@ class QueueFunction:
             sys.path.insert(0, str(folder.parent))
         self._main: Callable[..., Any] = importlib.import_module(folder.name).main
         self._conn = connection_string
+        self._lease = lease_seconds  # how long a received message stays invisible while it runs
         self._clients: dict[str, QueueClient] = {}
         self.invocations = 0
 
@@ -103,7 +105,7 @@ class QueueFunction:
         """Receive up to a batch and run each message; how many were run."""
         received = list(
             self.client(self.queue_name).receive_messages(
-                messages_per_page=self.batch_size, max_messages=self.batch_size, visibility_timeout=30
+                messages_per_page=self.batch_size, max_messages=self.batch_size, visibility_timeout=self._lease
             )
         )
         for message in received:
@@ -182,9 +184,12 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--until", type=float, required=True, help="epoch seconds to stop at the latest")
     parser.add_argument("--visibility-timeout", type=float, default=None)
+    parser.add_argument("--lease", type=int, default=30, help="seconds a received message stays invisible")
     args = parser.parse_args()
     conn = os.environ["AzureWebJobsStorage"]
-    function = QueueFunction(args.folder.resolve(), conn, visibility_timeout=args.visibility_timeout)
+    function = QueueFunction(
+        args.folder.resolve(), conn, visibility_timeout=args.visibility_timeout, lease_seconds=args.lease
+    )
     run_until_empty(function, args.until)
     print(json.dumps({"invocations": function.invocations}), flush=True)
 

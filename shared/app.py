@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from shared import redaction
 from shared.audit import AuditLog
 from shared.defender import DefenderClient
 from shared.ratelimit import RateLimiter
@@ -56,13 +57,16 @@ def reset_app() -> None:
 
 
 def build_app(settings: Settings) -> App:
+    redaction.install()
     from shared.idempotency import IdempotencyStore
     from shared.ratelimit_table import TableSlidingLog
 
-    tokens = TokenProvider(settings.token_scope, settings.client_id)
+    tokens = TokenProvider(settings.token_scope, settings.client_id, settings.timeout_seconds)
     defender = DefenderClient(settings.api_base_url, tokens, settings.timeout_seconds)
     audit = AuditLog(table_client(settings.storage, settings.audit_table))
     store = TableSlidingLog(table_client(settings.storage, settings.rate_limit_table), settings.rate_limit_key)
     limiter = RateLimiter(store, settings.rate_limits, settings.safety_ms)
-    answers = IdempotencyStore(table_client(settings.storage, settings.idempotency_table))
+    answers = IdempotencyStore(
+        table_client(settings.storage, settings.idempotency_table), settings.idempotency_lease_seconds
+    )
     return App(settings, CancelService(defender, audit, limiter, answers), limiter)

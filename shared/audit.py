@@ -12,7 +12,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
+
+from shared.storage import recreating_table
+
+if TYPE_CHECKING:
+    from azure.data.tables import TableClient
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +38,14 @@ class AuditRecord:
     request_id: str | None = None
 
 
-class EntityWriter(Protocol):
-    def create_entity(self, entity: dict[str, Any]) -> Any: ...
-
-
 class AuditLog:
-    def __init__(self, table: EntityWriter) -> None:
+    def __init__(self, table: TableClient) -> None:
         self._table = table
 
     def record(self, record: AuditRecord) -> None:
+        entity = to_entity(record)
         try:
-            self._table.create_entity(to_entity(record))
+            recreating_table(self._table, lambda: self._table.create_entity(entity))
         except Exception as exc:  # noqa: BLE001 - any storage failure; the caller's answer comes first
             logger.error(
                 "audit write failed (%s) for action %s, correlation %s",

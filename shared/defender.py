@@ -110,10 +110,10 @@ class DefenderClient:
 
     def _attempt(self, url: str, payload: str, deadline: float, attempt: int) -> UpstreamReply | None:
         """One POST; None when the connection was never established (safe to retry)."""
-        remaining = deadline - time.monotonic()
+        headers = {"Authorization": f"Bearer {self._tokens.token()}", "Content-Type": "application/json"}
+        remaining = deadline - time.monotonic()  # after the token: its fetch spends the same budget
         if remaining <= 0:
             raise UpstreamTimeout("The Defender API did not answer within the time budget")
-        headers = {"Authorization": f"Bearer {self._tokens.token()}", "Content-Type": "application/json"}
         try:
             with self._session.post(
                 url, data=payload, headers=headers, timeout=(min(CONNECT_TIMEOUT, remaining), remaining), stream=True

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from shared.app import get_app
+from shared.app import get_app, get_settings
+from shared.callers import check_caller
 from shared.errors import AppError, error_body
 from shared.validation import correlation_id, parse_http_cancel
 
@@ -32,6 +33,7 @@ def cancel(action_id: str, body: bytes, headers: Mapping[str, str]) -> Reply:
     correlation = correlation_id(headers.get(CORRELATION_HEADER))
     reply_headers = {CORRELATION_HEADER: correlation}
     try:
+        check_caller(headers, get_settings().allowed_callers)
         command = parse_http_cancel(action_id, body, correlation, headers.get(IDEMPOTENCY_HEADER))
         app = get_app()
         result = app.service.cancel(command, max_wait=app.settings.http_max_wait_seconds)
@@ -49,11 +51,12 @@ def cancel(action_id: str, body: bytes, headers: Mapping[str, str]) -> Reply:
     return Reply(result.status, result.body, reply_headers)
 
 
-def quota() -> Reply:
+def quota(request_headers: Mapping[str, str]) -> Reply:
     """GET /api/quota: for each window, the calls used, the limit, and when the next slot frees."""
-    correlation = correlation_id(None)
+    correlation = correlation_id(request_headers.get(CORRELATION_HEADER))
     headers = {CORRELATION_HEADER: correlation}
     try:
+        check_caller(request_headers, get_settings().allowed_callers)
         app = get_app()
         windows, blocked_until = app.limiter.stats()
     except AppError as exc:

@@ -19,6 +19,7 @@ from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModif
 from azure.data.tables import UpdateMode
 
 from shared.errors import InvalidRequest, RequestInProgress, StateStoreUnavailable
+from shared.storage import recreating_table
 
 if TYPE_CHECKING:
     from azure.data.tables import TableClient
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TTL_SECONDS = 24 * 3600
-LEASE_SECONDS = 6 * 60  # longer than functionTimeout (5 min): a live holder is never overtaken
 MAX_BODY_BYTES = 60 * 1024  # Edm.Binary holds 64 KiB
 ROW_KEY = "idempotency"
 
@@ -42,8 +42,11 @@ def _unavailable(exc: AzureError) -> StateStoreUnavailable:
 
 
 class IdempotencyStore:
-    def __init__(self, table: TableClient, clock: Any = time.time) -> None:
+    def __init__(self, table: TableClient, lease_seconds: float = 360.0, clock: Any = time.time) -> None:
+        """`lease_seconds`: after this long an in-flight claim is taken to be abandoned (its holder
+        died); it must exceed the function timeout, so a live holder is never overtaken."""
         self._table = table
+        self._lease = lease_seconds
         self._clock = clock
 
     @staticmethod
@@ -57,7 +60,7 @@ class IdempotencyStore:
         record = {"PartitionKey": pk, "RowKey": ROW_KEY, "ActionId": action_id, "State": "in_flight",
                   "ClaimedAt": self._clock()}  # fmt: skip
         try:
-            self._table.create_entity(record)
+            recreating_table(self._table, lambda: self._table.create_entity(record))
             return None
         except ResourceExistsError:
             pass
@@ -77,7 +80,7 @@ class IdempotencyStore:
             raise InvalidRequest("This idempotency key was already used for another machine action")
         if entity.get("State") == "done" and now - float(entity.get("CompletedAt", 0)) < TTL_SECONDS:
             return StoredAnswer(int(entity["Status"]), json.loads(bytes(entity["Body"])))
-        if entity.get("State") == "in_flight" and now - float(entity.get("ClaimedAt", 0)) < LEASE_SECONDS:
+        if entity.get("State") == "in_flight" and now - float(entity.get("ClaimedAt", 0)) < self._lease:
             raise RequestInProgress("A request with this idempotency key is still in progress", retry_after=5)
         try:  # expired answer or abandoned claim: take it over, unless someone else just did
             self._table.update_entity(
@@ -103,7 +106,7 @@ class IdempotencyStore:
         entity = {"PartitionKey": self.partition(key), "RowKey": ROW_KEY, "ActionId": action_id, "State": "done",
                   "Status": status, "Body": raw, "CompletedAt": self._clock()}  # fmt: skip
         try:
-            self._table.upsert_entity(entity, mode=UpdateMode.REPLACE)
+            recreating_table(self._table, lambda: self._table.upsert_entity(entity, mode=UpdateMode.REPLACE))
         except AzureError as exc:
             logger.error("could not store the answer for an idempotency key (%s)", type(exc).__name__)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from shared.app import get_app, get_settings
 from shared.errors import AppError, InvalidRequest, QuotaExceeded, RequestInProgress, error_body
+from shared.redaction import redact
 from shared.service import CancelResult, is_final
 from shared.storage import queue_client
 from shared.validation import CancelCommand, correlation_id, parse_action_id, parse_comment
@@ -90,7 +91,7 @@ def parse_message(body: bytes) -> dict[str, Any]:
 
 
 def rejected(body: bytes, exc: InvalidRequest, attempts: int) -> dict[str, Any]:
-    quoted = body.decode("utf-8", "replace")[:MAX_QUOTED_CHARS]
+    quoted = redact(body.decode("utf-8", "replace")[:MAX_QUOTED_CHARS])
     try:
         original: Any = json.loads(body)
     except (ValueError, UnicodeDecodeError):

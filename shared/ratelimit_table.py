@@ -6,7 +6,6 @@ is packed in one Edm.Binary property, so one conditional write admits a call.
 
 from __future__ import annotations
 
-import contextlib
 import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from azure.data.tables import UpdateMode
 
 from shared.errors import StateStoreUnavailable
 from shared.ratelimit import Conflict, Snapshot
+from shared.storage import recreating_table
 
 if TYPE_CHECKING:
     from azure.data.tables import TableClient
@@ -69,6 +69,8 @@ class TableSlidingLog:
                 meta = self._create(entity)
         except (ResourceModifiedError, ResourceExistsError):
             raise Conflict from None
+        except ResourceNotFoundError:  # the record (or its table) vanished since we read it: re-read
+            raise Conflict from None
         except AzureError as exc:
             if getattr(exc, "status_code", None) == 412:
                 raise Conflict from None
@@ -76,9 +78,4 @@ class TableSlidingLog:
         return str(meta["etag"])
 
     def _create(self, entity: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return self._table.create_entity(entity)
-        except ResourceNotFoundError:  # the table itself is gone (a state store rebuilt empty)
-            with contextlib.suppress(ResourceExistsError):
-                self._table.create_table()
-            return self._table.create_entity(entity)
+        return recreating_table(self._table, lambda: self._table.create_entity(entity))

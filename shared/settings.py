@@ -54,6 +54,7 @@ DEFAULT_TIMEOUT_SECONDS = 30.0
 DEFAULT_AUDIT_TABLE = "CancelAudit"
 DEFAULT_RATE_LIMIT_TABLE = "CancelRateLimit"
 DEFAULT_IDEMPOTENCY_TABLE = "CancelIdempotency"
+DEFAULT_IDEMPOTENCY_LEASE = 360.0  # longer than host.json's functionTimeout (5 min)
 
 _TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{2,62}")
 _WINDOW = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*")
@@ -96,6 +97,7 @@ class Settings:
     audit_table: str
     rate_limit_table: str
     idempotency_table: str
+    idempotency_lease_seconds: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -123,6 +125,7 @@ class Settings:
             audit_table=_table(env, "AUDIT_TABLE", DEFAULT_AUDIT_TABLE),
             rate_limit_table=_table(env, "RATE_LIMIT_TABLE", DEFAULT_RATE_LIMIT_TABLE),
             idempotency_table=_table(env, "IDEMPOTENCY_TABLE", DEFAULT_IDEMPOTENCY_TABLE),
+            idempotency_lease_seconds=_seconds(env, "IDEMPOTENCY_LEASE_SECONDS", DEFAULT_IDEMPOTENCY_LEASE),
         )
 
 

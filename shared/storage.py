@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from shared.errors import StateStoreUnavailable
 from shared.settings import StorageConnection
@@ -76,3 +78,21 @@ def queue_client(conn: StorageConnection, queue_name: str) -> QueueClient:
             f"The queue service cannot be reached: {type(exc).__name__}", retry_after=5
         ) from None
     return client
+
+
+T = TypeVar("T")
+
+
+def recreating_table(table: TableClient, operation: Callable[[], T]) -> T:
+    """Run `operation`; if the table itself is gone (a state store rebuilt empty), create it and
+    run it once more. A missing *entity* is not this case and is raised as it is."""
+    from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+
+    try:
+        return operation()
+    except ResourceNotFoundError as exc:
+        if getattr(exc, "error_code", None) == "ResourceNotFound":
+            raise
+        with contextlib.suppress(ResourceExistsError):
+            table.create_table()
+        return operation()

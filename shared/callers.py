@@ -1,0 +1,51 @@
+"""Caller identity behind App Service Authentication: only ALLOWED_CALLERS may call.
+
+With authentication on, the platform validates the caller's Entra token, strips any forged
+`X-MS-CLIENT-PRINCIPAL*` headers and sets its own (settings refuse ALLOWED_CALLERS otherwise).
+`X-MS-CLIENT-PRINCIPAL` is base64 JSON with the token's claims; a caller is allowed when its app id
+(`appid`/`azp`) or object id (`oid`) is listed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+
+from shared.errors import AppError
+
+PRINCIPAL_HEADER = "X-MS-CLIENT-PRINCIPAL"
+PRINCIPAL_ID_HEADER = "X-MS-CLIENT-PRINCIPAL-ID"
+OBJECT_ID_CLAIM = "http://schemas.microsoft.com/identity/claims/objectidentifier"
+ID_CLAIMS = frozenset({"appid", "azp", "oid", OBJECT_ID_CLAIM})
+
+
+class CallerForbidden(AppError):
+    status = 403
+    code = "Forbidden"
+
+
+def caller_ids(headers: Mapping[str, str]) -> set[str]:
+    """The app and object ids the platform vouches for (lower case); empty when none."""
+    ids = set()
+    principal_id = headers.get(PRINCIPAL_ID_HEADER)
+    if principal_id:
+        ids.add(principal_id.strip().lower())
+    raw = headers.get(PRINCIPAL_HEADER)
+    if raw:
+        try:
+            principal = json.loads(base64.b64decode(raw, validate=False))
+            claims = principal.get("claims", []) if isinstance(principal, dict) else []
+        except (binascii.Error, ValueError, UnicodeDecodeError):
+            claims = []
+        for claim in claims if isinstance(claims, list) else []:
+            if isinstance(claim, dict) and claim.get("typ") in ID_CLAIMS and isinstance(claim.get("val"), str):
+                ids.add(claim["val"].strip().lower())
+    return ids
+
+
+def check_caller(headers: Mapping[str, str], allowed: frozenset[str]) -> None:
+    """Raise CallerForbidden unless `allowed` is empty (keys only) or names this caller."""
+    if allowed and not caller_ids(headers) & allowed:
+        raise CallerForbidden("The caller is not in ALLOWED_CALLERS")
