@@ -93,7 +93,7 @@ def test_a_failing_identity_endpoint_recovers_without_a_restart(
     # MSAL then spares the endpoint for a few seconds (its throttle after a 5xx); after that the
     # same process gets a token again, with no restart.
     deadline = time.monotonic() + 15
-    statuses = []
+    statuses: list[int] = []
     while time.monotonic() < deadline and (not statuses or statuses[-1] != 200):
         statuses.append(http_cancel(sim.add_action()).status_code)
         if statuses[-1] != 200:
