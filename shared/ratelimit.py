@@ -132,11 +132,10 @@ class RateLimiter:
         self._seconds = [w.seconds for w in windows]
         self._windows = windows_with_margin(windows, margin_ms)
         self._horizon = max(w.ms for w in self._windows)
-        # A send may reach Defender up to margin/2 after its logged time (else the slot is given up)
-        # or up to margin/4 before it (no sleep for so little); the rest of the margin covers the
-        # network and clock skew. Two sends logged `ms + margin` apart thus arrive over `ms` apart.
-        self._slip_ms = max(1, margin_ms // 2)
-        self._early_ms = margin_ms // 4
+        # A send leaves at most margin/4 after its logged time (a later write gives the slot up),
+        # and before it only where no window could notice (see _may_go_early); the rest of the
+        # margin covers the network and clock skew between instances.
+        self._slip_ms = max(1, margin_ms // 4)
         self._clock = clock
         self._sleep = sleep
         self._cached: Snapshot | None = None
@@ -175,9 +174,18 @@ class RateLimiter:
             self._latencies.append(written - now)
             if written > slot + self._slip_ms:
                 continue  # our write came back after the reserved time: give that slot up
-            if slot - self._early_ms > written:
-                self._sleep((slot - self._early_ms - written) / 1000)
+            if slot > written and not self._may_go_early(snap, slot, slot - written):
+                self._sleep((slot - written) / 1000)
             return
+
+    def _may_go_early(self, snap: Snapshot, slot: int, early_ms: int) -> bool:
+        """Whether the call may leave `early_ms` before its slot: only when every window would still
+        admit it with the window stretched by that much, so it cannot be the call that fills one.
+        (An uncontended call then goes at once instead of sleeping out its reservation.)"""
+        if snap.blocked_until > slot - early_ms:
+            return False
+        stretched = [Window(w.limit, w.ms + early_ms) for w in self._windows]
+        return earliest_slot(snap.log, stretched, 0) <= slot
 
     def throttled(self, retry_after: int) -> None:
         """Defender said 429: every instance holds off until `retry_after` seconds from now."""

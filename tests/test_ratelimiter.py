@@ -200,3 +200,17 @@ def test_packing_round_trips() -> None:
     log = (1_700_000_000_000, 1_700_000_000_001, 2**62)
     assert unpack(pack(log, 42)) == (log, 42)
     assert unpack(b"") == ((), 0)
+
+
+def test_calls_with_room_go_at_once_and_a_waiting_call_leaves_exactly_at_its_slot() -> None:
+    clock = FakeClock()
+    store = MemorySlidingLog()
+    lim = limiter(store, clock, "3/10")
+    for _ in range(3):
+        lim.acquire()
+    assert clock.slept == []  # room to spare: no sleeping out the ~20 ms reservation
+    first = store.read().log[0]
+
+    lim.acquire(max_wait=20)  # its window is full: it must not leave before the first call ages out
+
+    assert clock.now == first + 10_000 == store.read().log[-1]
