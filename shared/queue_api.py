@@ -21,7 +21,7 @@ from shared.errors import AppError, InvalidRequest, QuotaExceeded, RequestInProg
 from shared.redaction import redact
 from shared.service import CancelResult, is_final
 from shared.storage import queue_client
-from shared.validation import CancelCommand, correlation_id, parse_action_id, parse_comment
+from shared.validation import CancelCommand, correlation_id, parse_action_id, parse_comment, parse_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +71,7 @@ class TransientUpstreamError(Exception):
 
 
 def parse_message(body: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("The message must be a JSON object", code="InvalidRequestBody") from None
-    if not isinstance(payload, dict):
-        raise InvalidRequest("The message must be a JSON object", code="InvalidRequestBody")
+    payload = parse_json_object(body, "The message")
     given = payload.get("correlationId")
     if given is not None and correlation_id(given if isinstance(given, str) else None) != given:
         raise InvalidRequest("correlationId must be 1 to 128 letters, digits or . _ : -", code="InvalidRequestBody")

@@ -1,4 +1,4 @@
-"""The cancel service both triggers share: quota, upstream call, audit."""
+"""The cancel service both triggers share: idempotency, quota, upstream call, audit."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class CancelService:
         """Cancel one machine action, at most once per idempotency key.
 
         Raises AppError subclasses when Defender gave no answer (quota, state store, network)."""
-        key = command.idempotency_key if self._answers is not None else None
+        key = command.idempotency_key
         if key is None or self._answers is None:
             return self._call(command, max_wait)
         stored = self._answers.claim(key, command.action_id)

@@ -1,4 +1,4 @@
-"""Table clients for the `STATE_STORAGE` account, by connection string or managed identity."""
+"""Table and queue clients for the app's storage, by connection string or managed identity."""
 
 from __future__ import annotations
 
@@ -20,30 +20,12 @@ STORAGE_READ_TIMEOUT = 5
 STORAGE_RETRY_TOTAL = 2
 
 
-def table_client(conn: StorageConnection, table_name: str, **kwargs: Any) -> TableClient:
+def table_client(conn: StorageConnection, table_name: str) -> TableClient:
     """A client for `table_name`, created if it does not exist yet."""
-    from azure.core.exceptions import AzureError, ResourceExistsError
     from azure.data.tables import TableClient
 
-    options: dict[str, Any] = {
-        "connection_timeout": STORAGE_CONNECT_TIMEOUT,
-        "read_timeout": STORAGE_READ_TIMEOUT,
-        "retry_total": STORAGE_RETRY_TOTAL,
-        **kwargs,
-    }
-    if conn.connection_string:
-        client = TableClient.from_connection_string(conn.connection_string, table_name, **options)
-    else:
-        from azure.identity import ManagedIdentityCredential
-
-        credential = ManagedIdentityCredential(client_id=conn.client_id)
-        client = TableClient(str(conn.table_service_uri), table_name, credential=credential, **options)
-    try:
-        client.create_table()
-    except ResourceExistsError:
-        pass
-    except AzureError as exc:
-        raise StateStoreUnavailable(f"The state store cannot be reached: {type(exc).__name__}", retry_after=5) from None
+    client: TableClient = _open(TableClient, conn, conn.table_service_uri, table_name)
+    _create(lambda: client.create_table(), "state store")
     return client
 
 
@@ -52,32 +34,38 @@ def queue_client(conn: StorageConnection, queue_name: str) -> QueueClient:
     """A client for `queue_name` that speaks base64, as the Functions host expects; created if absent.
 
     One per process and queue: a deferral is then one request, not two."""
-    from azure.core.exceptions import AzureError, ResourceExistsError
     from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
-    options: dict[str, Any] = {
-        "message_encode_policy": TextBase64EncodePolicy(),
-        "message_decode_policy": TextBase64DecodePolicy(),
-        "connection_timeout": STORAGE_CONNECT_TIMEOUT,
-        "read_timeout": STORAGE_READ_TIMEOUT,
-        "retry_total": STORAGE_RETRY_TOTAL,
-    }
-    if conn.connection_string:
-        client = QueueClient.from_connection_string(conn.connection_string, queue_name, **options)
-    else:
-        from azure.identity import ManagedIdentityCredential
+    client: QueueClient = _open(
+        QueueClient, conn, conn.queue_service_uri, queue_name,
+        message_encode_policy=TextBase64EncodePolicy(), message_decode_policy=TextBase64DecodePolicy(),
+    )  # fmt: skip
+    _create(lambda: client.create_queue(), "queue service")
+    return client
 
-        credential = ManagedIdentityCredential(client_id=conn.client_id)
-        client = QueueClient(str(conn.queue_service_uri), queue_name, credential=credential, **options)
+
+def _open(client_class: Any, conn: StorageConnection, service_uri: str | None, name: str, **options: Any) -> Any:
+    """A table or queue client by connection string, or by managed identity on the service URI."""
+    options.update(
+        connection_timeout=STORAGE_CONNECT_TIMEOUT, read_timeout=STORAGE_READ_TIMEOUT, retry_total=STORAGE_RETRY_TOTAL
+    )
+    if conn.connection_string:
+        return client_class.from_connection_string(conn.connection_string, name, **options)
+    from azure.identity import ManagedIdentityCredential
+
+    credential = ManagedIdentityCredential(client_id=conn.client_id)
+    return client_class(str(service_uri), name, credential=credential, **options)
+
+
+def _create(create: Callable[[], Any], what: str) -> None:
+    from azure.core.exceptions import AzureError, ResourceExistsError
+
     try:
-        client.create_queue()
+        create()
     except ResourceExistsError:
         pass
     except AzureError as exc:
-        raise StateStoreUnavailable(
-            f"The queue service cannot be reached: {type(exc).__name__}", retry_after=5
-        ) from None
-    return client
+        raise StateStoreUnavailable(f"The {what} cannot be reached: {type(exc).__name__}", retry_after=5) from None
 
 
 T = TypeVar("T")

@@ -44,15 +44,16 @@ def parse_comment(payload: Mapping[str, Any]) -> str:
     return comment
 
 
-def parse_json_object(body: bytes) -> dict[str, Any]:
+def parse_json_object(body: bytes, what: str = "The request body") -> dict[str, Any]:
+    """A JSON object of at most 64 KiB (a queue message is never larger)."""
     if len(body) > MAX_BODY_BYTES:
-        raise InvalidRequest(f"The request body must be at most {MAX_BODY_BYTES} bytes", code="InvalidRequestBody")
+        raise InvalidRequest(f"{what} must be at most {MAX_BODY_BYTES} bytes", code="InvalidRequestBody")
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("The request body must be a JSON object", code="InvalidRequestBody") from None
+        payload = None
     if not isinstance(payload, dict):
-        raise InvalidRequest("The request body must be a JSON object", code="InvalidRequestBody")
+        raise InvalidRequest(f"{what} must be a JSON object", code="InvalidRequestBody")
     return payload
 
 

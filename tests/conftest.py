@@ -29,6 +29,14 @@ def azurite() -> Iterator[Azurite]:
     server.stop()
 
 
+@pytest.fixture
+def own_azurite() -> Iterator[Azurite]:
+    """An Azurite of the test's own, to kill or restart without disturbing the others."""
+    server = Azurite().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def identity() -> Iterator[IdentityEndpoint]:
     endpoint = IdentityEndpoint(token_secret=TOKEN_SECRET).start()

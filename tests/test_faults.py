@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,13 +31,6 @@ from shared.token import TokenProvider
 from tests.conftest import TOKEN_SECRET, body_of, http_cancel
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def own_azurite() -> Iterator[Azurite]:
-    server = Azurite().start()
-    yield server
-    server.stop()
 
 
 def test_state_store_killed_mid_run_fails_closed_then_resumes_by_itself(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import azure.functions as func
 import pytest
 
@@ -82,22 +80,15 @@ def test_quota_endpoint_reports_each_window(
     assert body["blockedUntil"] is None
 
 
-@pytest.fixture
-def doomed_azurite() -> Iterator[Azurite]:
-    server = Azurite().start()
-    yield server
-    server.stop()
-
-
 def test_state_store_down_fails_closed_with_503(
     app_env: dict[str, str],
     sim: DefenderSimulator,
-    doomed_azurite: Azurite,
+    own_azurite: Azurite,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("AzureWebJobsStorage", doomed_azurite.connection_string)
+    monkeypatch.setenv("AzureWebJobsStorage", own_azurite.connection_string)
     assert http_cancel(sim.add_action()).status_code == 200
-    doomed_azurite.kill()
+    own_azurite.kill()
 
     response = http_cancel(sim.add_action())
     quota = get_quota()
@@ -110,10 +101,10 @@ def test_state_store_down_fails_closed_with_503(
 
 
 def test_state_store_down_at_start_fails_closed(
-    app_env: dict[str, str], sim: DefenderSimulator, doomed_azurite: Azurite, monkeypatch: pytest.MonkeyPatch
+    app_env: dict[str, str], sim: DefenderSimulator, own_azurite: Azurite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("AzureWebJobsStorage", doomed_azurite.connection_string)
-    doomed_azurite.kill()
+    monkeypatch.setenv("AzureWebJobsStorage", own_azurite.connection_string)
+    own_azurite.kill()
 
     response = http_cancel(sim.add_action())
 
