@@ -5,6 +5,9 @@ import json
 import azure.functions as func
 
 from shared import queue_api
+from shared.app import get_settings
+
+get_settings()  # a bad setting stops the function from loading; the host logs which one, at start
 
 
 def main(msg: func.QueueMessage, result: func.Out[str]) -> None:

@@ -103,8 +103,9 @@ def time_cancels(calls: int) -> dict[str, Any]:
 
 def import_ms(statement: str) -> float:
     code = f"import time; t = time.perf_counter(); {statement}; print((time.perf_counter() - t) * 1000)"
+    env = {**os.environ, "AzureWebJobsStorage": "UseDevelopmentStorage=true"}  # the folder checks settings on import
     out = subprocess.run([sys.executable, "-X", "frozen_modules=on", "-c", code], cwd=ROOT, check=True,
-                         capture_output=True, text=True)  # fmt: skip
+                         capture_output=True, text=True, env=env)  # fmt: skip
     return float(out.stdout.strip())
 
 

@@ -146,3 +146,23 @@ def test_other_hosts_are_refused(url: str) -> None:
 
 def test_rate_limits_are_sorted_shortest_first() -> None:
     assert parse_rate_limits("1500/3600,100/60") == (RateWindow(100, 60.0), RateWindow(1500, 3600.0))
+
+
+def test_a_function_with_a_bad_setting_refuses_to_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from shared.app import reset_app
+
+    monkeypatch.setenv("AzureWebJobsStorage", "UseDevelopmentStorage=true")
+    monkeypatch.delenv("ALLOWED_CALLERS", raising=False)
+    reset_app()
+    import CancelMachineAction  # loads with good settings
+
+    monkeypatch.setenv("ALLOWED_CALLERS", "some-app")
+    monkeypatch.delenv("WEBSITE_AUTH_ENABLED", raising=False)
+    reset_app()
+    try:
+        with pytest.raises(SettingsError, match="ALLOWED_CALLERS"):
+            importlib.reload(CancelMachineAction)  # what the worker does when the host starts
+    finally:
+        reset_app()
