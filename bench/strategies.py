@@ -38,7 +38,7 @@ class FixedWindowLimiter:
             if wait == 0:
                 return
             if time.time() + wait > deadline:
-                raise QuotaExceeded("fixed window full", retry_after=max(1, math.ceil(wait)))
+                raise QuotaExceeded("fixed window full", wait_seconds=wait)
             time.sleep(wait)
 
     def throttled(self, retry_after: int) -> None:

@@ -105,13 +105,14 @@ class FunctionHost:
         wait = 0.1
         while not self._stop.is_set():
             try:
-                busy = function.poll_once() > 0
+                busy = function.pump() > 0
             except Exception as exc:  # noqa: BLE001 - storage down: keep polling, as the host does
                 logger.warning("polling %s failed: %r", function.queue_name, exc)
                 busy = False
-            wait = 0.1 if busy else min(self.max_polling, wait * 2)
+            wait = 0.1 if busy or function.in_flight else min(self.max_polling, wait * 2)
             if not busy:
                 self._stop.wait(wait)
+        function.close()
 
     def handle(self, request: Request) -> Response:
         for function in self.http:

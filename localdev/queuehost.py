@@ -5,8 +5,10 @@ queue in Azurite: each message is decoded (base64), handed to `main()` as an
 `azure.functions.QueueMessage` with its dequeue count, and the output bindings' values are sent to
 their queues. On success the message is deleted; on an exception it becomes visible again after
 `visibilityTimeout`, and once it has been dequeued `maxDequeueCount` times it moves to
-`<queue>-poison`, as the host does. Not emulated: blob-based leases and scale-out, `newBatchThreshold`,
-and the host's exponential polling back-off (polling here is at a fixed short interval).
+`<queue>-poison`, as the host does. Messages run in parallel threads (as the Python worker runs
+sync functions), and `pump()` fetches another batch whenever no more than `newBatchThreshold`
+are still running. Not emulated: blob-based leases and scale-out, and the host's exponential
+polling back-off (polling here is at a fixed short interval).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -82,6 +86,7 @@ class QueueFunction:
         queues = json.loads(host_json.read_text()).get("extensions", {}).get("queues", {})
         self.max_dequeue_count = int(queues.get("maxDequeueCount", 5))
         self.batch_size = int(queues.get("batchSize", 16))
+        self.new_batch_threshold = int(queues.get("newBatchThreshold", self.batch_size // 2))
         self.visibility_timeout = (
             visibility_timeout
             if visibility_timeout is not None
@@ -95,25 +100,57 @@ class QueueFunction:
         self._lease = lease_seconds  # how long a received message stays invisible while it runs
         self._clients: dict[str, QueueClient] = {}
         self.invocations = 0
+        # The host runs a batch's messages in parallel (the Python worker's thread pool).
+        workers = self.batch_size + self.new_batch_threshold  # the host's ceiling per instance
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"queue-{self.queue_name}")
+        self._count_lock = threading.Lock()
+        self.in_flight = 0
 
     def client(self, name: str) -> QueueClient:
         if name not in self._clients:
             self._clients[name] = open_queue(self._conn, name, self.base64)
         return self._clients[name]
 
-    def poll_once(self) -> int:
-        """Receive up to a batch and run each message; how many were run."""
-        received = list(
+    def _receive(self) -> list[QueueMessage]:
+        return list(
             self.client(self.queue_name).receive_messages(
                 messages_per_page=self.batch_size, max_messages=self.batch_size, visibility_timeout=self._lease
             )
         )
-        for message in received:
-            self.run(message)
+
+    def poll_once(self) -> int:
+        """Receive up to a batch, run its messages concurrently and wait for them; how many ran."""
+        received = self._receive()
+        list(self._pool.map(self.run, received))
         return len(received)
 
+    def pump(self) -> int:
+        """The host's steady state: when no more than newBatchThreshold messages are still running,
+        fetch another batch and start it without waiting; how many were started."""
+        with self._count_lock:
+            if self.in_flight > self.new_batch_threshold:
+                return 0
+        received = self._receive()
+        with self._count_lock:
+            self.in_flight += len(received)
+        for message in received:
+            self._pool.submit(self._run_counted, message)
+        return len(received)
+
+    def _run_counted(self, message: QueueMessage) -> None:
+        try:
+            self.run(message)
+        finally:
+            with self._count_lock:
+                self.in_flight -= 1
+
+    def close(self) -> None:
+        """Wait for the messages still running, then stop the threads."""
+        self._pool.shutdown(wait=True)
+
     def run(self, message: QueueMessage) -> None:
-        self.invocations += 1
+        with self._count_lock:
+            self.invocations += 1
         outputs: dict[str, Out[str]] = {name: Out() for name in self.outputs}
         try:
             body = self._decode(message.content)
@@ -164,16 +201,18 @@ class QueueFunction:
 def run_until_empty(
     function: QueueFunction, until: float, idle_polls: int = 5, busy: Callable[[], bool] = lambda: False
 ) -> None:
-    """Poll until `until`, or until the trigger queue has held no message (visible or deferred) for
-    `idle_polls` polls in a row and `busy()` is false."""
+    """Pump until `until`, or until nothing runs and the trigger queue has held no message (visible
+    or deferred) for `idle_polls` polls in a row while `busy()` is false."""
     trigger = function.client(function.queue_name)
     idle = 0
     while time.time() < until and (busy() or idle < idle_polls):
-        if function.poll_once():
+        if function.pump():
             idle = 0
             continue
-        idle = 0 if trigger.get_queue_properties().approximate_message_count else idle + 1
-        time.sleep(0.1)
+        waiting = function.in_flight or trigger.get_queue_properties().approximate_message_count
+        idle = 0 if waiting else idle + 1
+        time.sleep(0.05 if waiting else 0.1)
+    function.close()
 
 
 def main() -> None:

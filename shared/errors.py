@@ -6,6 +6,7 @@ that talks to them, so callers decide what a failure means without knowing the S
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -64,10 +65,14 @@ class StateStoreUnavailable(AppError):
 
 
 class QuotaExceeded(AppError):
-    """The shared rate quota is used up until `retry_after` seconds from now."""
+    """The shared rate quota is used up for `wait_seconds` (`retry_after`: the same, rounded up)."""
 
     status = 429
     code = "TooManyRequests"
+
+    def __init__(self, message: str, *, wait_seconds: float) -> None:
+        super().__init__(message, retry_after=max(1, math.ceil(wait_seconds)))
+        self.wait_seconds = wait_seconds
 
 
 class RequestInProgress(AppError):

@@ -47,7 +47,8 @@ def handle(body: bytes, dequeue_count: int) -> dict[str, Any] | None:
         app = get_app()
         result = app.service.cancel(command, max_wait=INLINE_WAIT_SECONDS)
     except QuotaExceeded as exc:
-        defer(message, exc.retry_after or 1)
+        # Back a little before the slot frees (rounded down), then the short rest is slept in place.
+        defer(message, int(exc.wait_seconds))
         return None
     except RequestInProgress:
         defer(message, IN_FLIGHT_DEFER_SECONDS)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import bisect
 import logging
-import math
 import random
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -142,11 +142,31 @@ class RateLimiter:
         self._cached_at = 0
         self._read_first = 0
         self._latencies: deque[int] = deque(maxlen=LATENCY_SAMPLES)
+        self._lock = threading.Lock()
 
     def acquire(self, max_wait: float = 0.0) -> None:
         """Return at the moment a call may be sent; raise QuotaExceeded when that is past `max_wait`."""
         max_wait_ms = int(max_wait * 1000)
         conflicts = 0
+        while True:
+            with self._lock:  # threads of one instance take turns at the record (sleeping is outside)
+                decision = self._reserve(max_wait_ms)
+            if decision is None:
+                conflicts += 1
+                if conflicts > MAX_CONFLICTS:
+                    raise StateStoreUnavailable("The rate limit record is too contended", retry_after=1)
+                self._sleep(random.uniform(0, CONFLICT_JITTER_MS) / 1000)
+                continue
+            snap, slot, written = decision
+            if written > slot + self._slip_ms:
+                continue  # our write came back after the reserved time: give that slot up
+            if slot > written and not self._may_go_early(snap, slot, slot - written):
+                self._sleep((slot - written) / 1000)
+            return
+
+    def _reserve(self, max_wait_ms: int) -> tuple[Snapshot, int, int] | None:
+        """Write the next free slot to the record: (the snapshot it was placed in, the slot, when the
+        write came back); None on a conflict. Raises QuotaExceeded past `max_wait_ms`."""
         while True:
             snap = self._snapshot(fresh=self._read_first > 0 or self._cached is None)
             now = self._clock()
@@ -158,25 +178,15 @@ class RateLimiter:
                 if now - self._cached_at > STALE_VERDICT_MS and not self._read_first:
                     self._read_first = 1  # a full verdict from an old cache: confirm it once
                     continue
-                raise QuotaExceeded(
-                    "The shared Defender API quota is used up", retry_after=max(1, math.ceil((slot - now) / 1000))
-                )
+                raise QuotaExceeded("The shared Defender API quota is used up", wait_seconds=(slot - now) / 1000)
             try:
                 self._save(record(snap.log, slot, self._horizon), snap.blocked_until, snap.etag)
             except Conflict:
-                conflicts += 1
-                if conflicts > MAX_CONFLICTS:
-                    raise StateStoreUnavailable("The rate limit record is too contended", retry_after=1) from None
                 self._read_first = READ_FIRST_AFTER_CONFLICT
-                self._sleep(random.uniform(0, CONFLICT_JITTER_MS) / 1000)
-                continue
+                return None
             written = self._clock()
             self._latencies.append(written - now)
-            if written > slot + self._slip_ms:
-                continue  # our write came back after the reserved time: give that slot up
-            if slot > written and not self._may_go_early(snap, slot, slot - written):
-                self._sleep((slot - written) / 1000)
-            return
+            return snap, slot, written
 
     def _may_go_early(self, snap: Snapshot, slot: int, early_ms: int) -> bool:
         """Whether the call may leave `early_ms` before its slot: only when every window would still
@@ -191,11 +201,12 @@ class RateLimiter:
         """Defender said 429: every instance holds off until `retry_after` seconds from now."""
         until = self._clock() + retry_after * 1000
         for _ in range(MAX_CONFLICTS):
-            snap = self._snapshot(fresh=True)
-            if snap.blocked_until >= until:
-                return
             try:
-                self._save(snap.log, until, snap.etag)
+                with self._lock:
+                    snap = self._snapshot(fresh=True)
+                    if snap.blocked_until >= until:
+                        return
+                    self._save(snap.log, until, snap.etag)
                 return
             except Conflict:
                 self._sleep(random.uniform(0, CONFLICT_JITTER_MS) / 1000)
@@ -203,7 +214,8 @@ class RateLimiter:
 
     def stats(self) -> tuple[list[WindowStats], int]:
         """Each window's use now, from a fresh read; and the blocked-until time (epoch ms, 0 = none)."""
-        snap = self._snapshot(fresh=True)
+        with self._lock:
+            snap = self._snapshot(fresh=True)
         return window_stats(snap.log, self._windows, self._seconds, self._clock()), snap.blocked_until
 
     def _snapshot(self, fresh: bool) -> Snapshot:

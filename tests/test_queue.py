@@ -151,8 +151,9 @@ def test_a_message_that_keeps_failing_gets_a_failed_result_and_lands_in_poison(
 
 
 def test_a_duplicate_correlation_id_calls_defender_once_and_replays(
-    host: QueueFunction, queues: Queues, sim: DefenderSimulator
+    host: QueueFunction, queues: Queues, sim: DefenderSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(queue_api, "IN_FLIGHT_DEFER_SECONDS", 1)  # the copies run in parallel: one waits
     action_id = sim.add_action()
     message = {"machineActionId": action_id, "comment": "dup", "correlationId": "c-dup"}
     queues.put(message)
