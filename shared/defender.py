@@ -91,8 +91,10 @@ class DefenderClient:
                 try:
                     before_attempt()
                 except QuotaExceeded:
-                    if reply is None:
+                    if attempt == 1:
                         raise
+                    if reply is None:  # no quota left to retry a failed connection
+                        raise UpstreamUnavailable("Could not connect to the Defender API") from None
                     return reply  # no quota left for a retry: Defender's last answer stands
             reply = self._attempt(url, payload, deadline, attempt)
             if reply is not None and reply.status not in self._retry.statuses:

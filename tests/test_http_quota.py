@@ -110,3 +110,17 @@ def test_state_store_down_at_start_fails_closed(
 
     assert response.status_code == 503
     assert sim.calls("") == []
+
+
+def test_a_retry_with_no_quota_left_returns_defenders_last_answer(
+    app_env: dict[str, str], sim: DefenderSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from localdev.defender import Fault
+
+    monkeypatch.setenv("RATE_LIMITS", "1/60")
+    sim.inject(Fault("status", count=1, status=503))
+
+    response = http_cancel(sim.add_action())
+
+    assert response.status_code == 503  # Defender's answer, not our 429: the retry found no slot
+    assert len(sim.calls()) == 1
