@@ -6,17 +6,25 @@ Servers listen on free loopback ports picked here, never on the standard ones.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from collections.abc import Iterator
 from typing import Any
 
 import azure.functions as func
 import pytest
+from hypothesis import settings
 
 from localdev.azurite import Azurite, free_port
 from localdev.defender import DefenderSimulator
 from localdev.identity import IdentityEndpoint
 from shared.app import reset_app
+
+# CI replays one fixed sample of every property test, so a landing never hangs on a new random
+# case; developers' runs explore fresh ones.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 TOKEN_SECRET = secrets.token_hex(16)
 GUID = "988cc94e-7a8f-4b28-ab65-54970c5d5018"
