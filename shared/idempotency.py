@@ -76,11 +76,13 @@ class IdempotencyStore:
         except AzureError as exc:
             raise _unavailable(exc) from None
         now = self._clock()
-        if entity.get("ActionId") != action_id:
+        answered = entity.get("State") == "done" and now - float(entity.get("CompletedAt", 0)) < TTL_SECONDS
+        in_flight = entity.get("State") == "in_flight" and now - float(entity.get("ClaimedAt", 0)) < self._lease
+        if (answered or in_flight) and entity.get("ActionId") != action_id:
             raise InvalidRequest("This idempotency key was already used for another machine action")
-        if entity.get("State") == "done" and now - float(entity.get("CompletedAt", 0)) < TTL_SECONDS:
+        if answered:
             return StoredAnswer(int(entity["Status"]), json.loads(bytes(entity["Body"])))
-        if entity.get("State") == "in_flight" and now - float(entity.get("ClaimedAt", 0)) < self._lease:
+        if in_flight:
             raise RequestInProgress("A request with this idempotency key is still in progress", retry_after=5)
         try:  # expired answer or abandoned claim: take it over, unless someone else just did
             self._table.update_entity(

@@ -69,3 +69,17 @@ def test_a_malformed_key_gives_400(app_env: dict[str, str], sim: DefenderSimulat
 
     assert response.status_code == 400
     assert sim.calls("") == []
+
+
+def test_an_expired_key_may_be_used_again_even_for_another_action(
+    app_env: dict[str, str], sim: DefenderSimulator, azurite: Azurite
+) -> None:
+    table = table_client(StorageConnection(azurite.connection_string), DEFAULT_IDEMPOTENCY_TABLE)
+    yesterday = IdempotencyStore(table, clock=lambda: 1_000_000.0)
+    assert yesterday.claim("k-expired", "11111111-1111-1111-1111-111111111111") is None
+    yesterday.complete("k-expired", "11111111-1111-1111-1111-111111111111", 200, {"id": "old"})
+
+    response = http_cancel(sim.add_action(), headers={"Idempotency-Key": "k-expired"})
+
+    assert response.status_code == 200 and "Idempotent-Replayed" not in response.headers
+    assert len(sim.calls()) == 1
