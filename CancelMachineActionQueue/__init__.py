@@ -11,6 +11,6 @@ get_settings()  # a bad setting stops the function from loading; the host logs w
 
 
 def main(msg: func.QueueMessage, result: func.Out[str]) -> None:
-    message = queue_api.handle(msg.get_body(), msg.dequeue_count or 1)
+    message = queue_api.handle(msg.get_body(), msg.dequeue_count or 1, msg.id)
     if message is not None:
         result.set(json.dumps(message))

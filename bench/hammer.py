@@ -36,11 +36,11 @@ def request(action_id: str) -> func.HttpRequest:
 
 
 def instrument(strategy: str, acquire_ms: list[float]) -> None:
-    """Time every admission (and swap the limiter for the comparison strategies)."""
+    """Time every admission (and swap the limiter for the comparison strategies). The token is not
+    fetched ahead: each instance's first call pays for it, as a cold instance on Azure does."""
     from shared.app import get_app
 
     app = get_app()
-    app.service._defender._tokens.token()  # warm the token cache
     service: Any = app.service
     if strategy == "fixed":
         service._gate = FixedWindowLimiter.from_settings(app.settings)
@@ -50,14 +50,20 @@ def instrument(strategy: str, acquire_ms: list[float]) -> None:
     gate = service._gate
     original = gate.acquire
 
-    def timed(max_wait: float = 0.0) -> None:
+    def timed(max_wait: float = 0.0, spent: int = 0) -> Any:
         start = time.perf_counter()
         try:
-            original(max_wait)
+            return original(max_wait, spent)
         finally:
             acquire_ms.append((time.perf_counter() - start) * 1000)
 
     gate.acquire = timed
+
+
+def skew_clock(seconds: float) -> None:
+    """This process's wall clock runs `seconds` off, as a VM's clock may (the limiter reads time.time)."""
+    real = time.time
+    time.time = lambda: real() + seconds
 
 
 def main() -> None:
@@ -65,7 +71,10 @@ def main() -> None:
     parser.add_argument("--start-at", type=float, required=True, help="epoch seconds: first call")
     parser.add_argument("--until", type=float, required=True, help="epoch seconds: no new call after")
     parser.add_argument("--strategy", choices=["shared", "fixed", "none"], default="shared")
+    parser.add_argument("--clock-skew-ms", type=float, default=0.0, help="run this instance's clock ahead (or behind)")
     args = parser.parse_args()
+    if args.clock_skew_ms:
+        skew_clock(args.clock_skew_ms / 1000)
     from CancelMachineAction import main as cancel
 
     acquire_ms: list[float] = []
@@ -73,8 +82,8 @@ def main() -> None:
     statuses: Counter[int] = Counter()
     # Every instance starts at the same moment, warmed up (settings, token, tables), so the run
     # measures the limiter and not interpreter start-up.
-    time.sleep(max(0.0, args.start_at - time.time()))
-    while time.time() < args.until:
+    time.sleep(max(0.0, args.start_at - time.time() + args.clock_skew_ms / 1000))
+    while time.time() - args.clock_skew_ms / 1000 < args.until:
         response = cancel(request(str(uuid.uuid4())))
         statuses[response.status_code] += 1
         if args.strategy == "none" and response.status_code == 429:

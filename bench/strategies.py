@@ -16,6 +16,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import TableClient, UpdateMode
 
 from shared.errors import QuotaExceeded
+from shared.ratelimit import Permit
 from shared.settings import RateWindow, Settings
 from shared.storage import table_client
 
@@ -31,15 +32,18 @@ class FixedWindowLimiter:
         table = table_client(settings.storage, settings.rate_limit_table)
         return cls(table, settings.rate_limit_key + "-fixed", settings.rate_limits)
 
-    def acquire(self, max_wait: float = 0.0) -> None:
+    def acquire(self, max_wait: float = 0.0, spent: int = 0) -> Permit:
         deadline = time.time() + max_wait
         while True:
             wait = self._try_take()
             if wait == 0:
-                return
+                return Permit(int(time.time() * 1000), spent + 1)
             if time.time() + wait > deadline:
                 raise QuotaExceeded("fixed window full", wait_seconds=wait)
             time.sleep(wait)
+
+    def on_time(self, permit: Permit) -> bool:
+        return True  # a counter has no notion of a send's time
 
     def throttled(self, retry_after: int) -> None:
         """A fixed-window counter knows nothing of Defender's verdict."""

@@ -1,6 +1,8 @@
 """An HTTP proxy on loopback that forwards to one upstream and records every request it passes.
 
-Put in front of Azurite's table port, it counts the Table requests the app really makes.
+Put in front of Azurite's table port, it counts the Table requests the app really makes. It can
+also slow the writes to one table, as a throttled storage account plus an SDK retry would: half of
+the delay before the write reaches the store, half before its reply comes back.
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
 
 
 class CountingProxy:
-    def __init__(self, upstream_host: str, upstream_port: int, port: int = 0) -> None:
+    WRITES = frozenset({"PUT", "POST", "MERGE", "PATCH", "DELETE"})
+
+    def __init__(
+        self, upstream_host: str, upstream_port: int, port: int = 0, write_delay: float = 0.0, slow_path: str = ""
+    ) -> None:
         self._upstream = (upstream_host, upstream_port)
+        self.write_delay = write_delay  # seconds added to each write whose path holds `slow_path`
+        self._slow_path = slow_path
         self._local = threading.local()
         self._lock = threading.Lock()
         self.requests: list[tuple[float, str, str]] = []  # (time.time(), method, path)
@@ -40,6 +48,13 @@ class CountingProxy:
     def handle(self, request: Request) -> Response:
         with self._lock:
             self.requests.append((time.time(), request.method, request.path))
+        slow = self.write_delay if request.method in self.WRITES and self._slow_path in request.path else 0.0
+        time.sleep(slow / 2)  # a server-side queue: the write is applied late...
+        answer = self._forward(request)
+        time.sleep(slow / 2)  # ...and its reply comes back late
+        return answer
+
+    def _forward(self, request: Request) -> Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         for reused in (True, False):
             conn = getattr(self._local, "conn", None)

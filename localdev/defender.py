@@ -5,7 +5,8 @@ cancel of a Pending/InProgress action answers 200 with the updated entity; a fin
 unknown id 404; a body without `Comment` 400; its own rolling rate windows answer 429 with
 `Retry-After`; a missing token 401, a token with a bad signature, expiry or audience 403. Every call
 is recorded with its arrival time. Faults (5xx, garbage, huge or slow bodies, dropped connections)
-can be injected for the next N calls. Admin routes under `/_sim/` need no token.
+can be injected for the next N calls, including a gateway that fails after Defender acted. Admin
+routes under `/_sim/` need no token.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class Call:
 
 @dataclass
 class Fault:
-    mode: str  # "status", "garbage", "huge", "slow", "drop"
+    mode: str  # "status", "garbage", "huge", "slow", "drop", "redirect"; "acted": act, then a gateway answers `status`
     count: int = 1  # how many calls it applies to (0 = until cleared)
     status: int = 500
     seconds: float = 0.0  # "slow": stall this long before answering
@@ -183,7 +184,7 @@ class DefenderSimulator:
         if throttled:
             return throttled, None
         fault = self._take_fault()
-        if fault and fault.mode != "slow":  # a failing front end answers without acting
+        if fault and fault.mode not in ("slow", "acted"):  # a failing front end answers without acting
             return Response(0), fault
         cancel = _CANCEL.fullmatch(request.path)
         if cancel and request.method == "POST":
@@ -268,6 +269,10 @@ class DefenderSimulator:
             return response
         if fault.mode == "drop":
             return None
+        if fault.mode == "redirect":  # a front end pointing the caller elsewhere
+            return Response(fault.status, raw=b"", headers={"Location": "/api/machineactions/redirected/cancel"})
+        if fault.mode == "acted":  # Defender did its work; the gateway in front lost the answer
+            return _error(fault.status, "BadGateway" if fault.status == 502 else "GatewayTimeout", "Gateway failure")
         if fault.mode == "garbage":
             return Response(
                 fault.status, raw=b"<html>upstream proxy error</html>", headers={"Content-Type": "text/html"}

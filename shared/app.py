@@ -69,4 +69,5 @@ def build_app(settings: Settings) -> App:
     answers = IdempotencyStore(
         table_client(settings.storage, settings.idempotency_table), settings.idempotency_lease_seconds
     )
-    return App(settings, CancelService(defender, audit, limiter, answers), limiter)
+    service = CancelService(defender, audit, limiter, answers, budget_seconds=settings.timeout_seconds)
+    return App(settings, service, limiter)

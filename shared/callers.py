@@ -37,7 +37,7 @@ def caller_ids(headers: Mapping[str, str]) -> set[str]:
         try:
             principal = json.loads(base64.b64decode(raw, validate=False))
             claims = principal.get("claims", []) if isinstance(principal, dict) else []
-        except (binascii.Error, ValueError, UnicodeDecodeError):
+        except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
             claims = []
         for claim in claims if isinstance(claims, list) else []:
             if isinstance(claim, dict) and claim.get("typ") in ID_CLAIMS and isinstance(claim.get("val"), str):
@@ -49,3 +49,11 @@ def check_caller(headers: Mapping[str, str], allowed: frozenset[str]) -> None:
     """Raise CallerForbidden unless `allowed` is empty (keys only) or names this caller."""
     if allowed and not caller_ids(headers) & allowed:
         raise CallerForbidden("The caller is not in ALLOWED_CALLERS")
+
+
+def caller_scope(headers: Mapping[str, str], allowed: frozenset[str]) -> str:
+    """Whose idempotency keys these are: the caller's ids where the platform vouches for them
+    (ALLOWED_CALLERS needs it), else every function-key holder shares one scope."""
+    if allowed:
+        return "principal:" + ",".join(sorted(caller_ids(headers)))
+    return "function-key"

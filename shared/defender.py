@@ -1,10 +1,15 @@
-"""The Defender for Endpoint API client: one pooled session, timeouts, bounded retries.
+"""The Defender for Endpoint API client: the retry policy, and one pooled transport that does the I/O.
 
-Retries are ours, not the HTTP adapter's, because every attempt reaches Defender and so must pass
-the shared rate limiter first (`before_attempt`). We retry only what cannot have cancelled anything
-twice: a connection never established, and 502/503/504 answers. A read timeout or a connection lost
-after sending is not retried: Defender may already have acted (the POST is not idempotent to the
-caller, a second cancel answers 400).
+Every attempt reaches Defender, so it must pass the shared rate limiter first, and arrive close to
+the slot the limiter logged for it (invariant 1 of shared.ratelimit). So each attempt gets its
+token and an open connection *before* it asks for a slot, checks right before sending that its
+slot is still good, and only then starts the time budget for Defender's answer.
+
+We retry only what Defender cannot have acted on: a connection never made, and Defender's own 503
+(it refused before doing anything). A timeout, a connection lost after sending, a 500 or a
+gateway's 502/504 may come after Defender cancelled the action; retrying would hear 400 "already
+cancelled" and hide what happened, so the caller gets that attempt's answer (a POST is not
+idempotent; urllib3 does not retry it either).
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3 import HTTPConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError
 
-from shared.errors import QuotaExceeded, UpstreamTimeout, UpstreamUnavailable, error_body
+from shared.errors import OutcomeUnknown, QuotaExceeded, UpstreamTimeout, UpstreamUnavailable, error_body
+from shared.ratelimit import Permit
 from shared.token import TokenProvider
 
 CONNECT_TIMEOUT = 3.05
@@ -32,14 +39,22 @@ USER_AGENT = "cancel-machine-action-function/1.0"
 REQUEST_ID_HEADERS = ("request-id", "x-ms-request-id", "client-request-id")
 
 
+class NotSent(Exception):
+    """No connection could be made: nothing reached Defender, so the attempt may be retried."""
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Which failures are retried, how often, and how long to back off (full jitter)."""
+    """Which answers are retried (only those Defender gave without acting), how often, and the
+    back-off between attempts (full jitter, or Defender's Retry-After)."""
 
     max_attempts: int = 3
     backoff_base: float = 0.25
     backoff_max: float = 4.0
-    statuses: frozenset[int] = frozenset({502, 503, 504})
+    refused_statuses: frozenset[int] = frozenset({503})
+
+    def retries(self, status: int) -> bool:
+        return status in self.refused_statuses
 
     def backoff(self, attempt: int, retry_after: int | None = None) -> float:
         if retry_after is not None:
@@ -58,6 +73,28 @@ class UpstreamReply:
     attempts: int
 
 
+class QuotaGate(Protocol):
+    """The shared rate limiter, as a sender sees it (shared.ratelimit.RateLimiter)."""
+
+    def acquire(self, max_wait: float = 0.0, spent: int = 0) -> Permit:
+        """Return when a call may be sent now; raise QuotaExceeded or StateStoreUnavailable."""
+
+    def on_time(self, permit: Permit) -> bool:
+        """Whether a send may still leave on `permit`."""
+
+
+class Transport(Protocol):
+    """The HTTP I/O: a connection opened ahead of time, then one POST."""
+
+    def warm(self, url: str) -> None:
+        """Have an open connection to `url`'s host ready; raise NotSent when none can be made."""
+
+    def post(
+        self, url: str, payload: str, headers: Mapping[str, str], deadline: float
+    ) -> tuple[int, bytes, Mapping[str, str]]:
+        """Status, body and headers; raises NotSent, UpstreamTimeout or UpstreamUnavailable."""
+
+
 class DefenderClient:
     def __init__(
         self,
@@ -65,68 +102,128 @@ class DefenderClient:
         tokens: TokenProvider,
         timeout_seconds: float,
         retry: RetryPolicy | None = None,
-        session: requests.Session | None = None,
+        transport: Transport | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._tokens = tokens
         self._budget = timeout_seconds
         self._retry = retry or RetryPolicy()
-        self._session = session or _pooled_session()
+        self._transport = transport or RequestsTransport()
+        self._monotonic = monotonic
+        self._sleep = sleep
 
     def cancel(
         self,
         action_id: str,
         comment: str,
-        before_attempt: Callable[[], None] | None = None,
+        gate: QuotaGate | None = None,
+        max_wait: float = 0.0,
+        on_send: Callable[[], None] | None = None,
     ) -> UpstreamReply:
-        """POST /api/machineactions/{id}/cancel; `action_id` must already be a validated GUID."""
+        """POST /api/machineactions/{id}/cancel; `action_id` must already be a validated GUID.
+
+        `max_wait` bounds the first attempt's wait for a slot (QuotaExceeded past it); retries take
+        only a slot free now. `on_send` is told of each request about to leave."""
         url = f"{self._base_url}/api/machineactions/{action_id}/cancel"
         payload = json.dumps({"Comment": comment})
-        deadline = time.monotonic() + self._budget
-        attempt = 0
         reply: UpstreamReply | None = None
-        while True:
-            attempt += 1
-            if before_attempt is not None:
-                try:
-                    before_attempt()
-                except QuotaExceeded:
-                    if attempt == 1:
-                        raise
-                    if reply is None:  # no quota left to retry a failed connection
-                        raise UpstreamUnavailable("Could not connect to the Defender API") from None
-                    return reply  # no quota left for a retry: Defender's last answer stands
-            reply = self._attempt(url, payload, deadline, attempt)
-            if reply is not None and reply.status not in self._retry.statuses:
+        deadline: float | None = None  # set by the first attempt that reaches for the wire
+        for attempt in range(1, self._retry.max_attempts + 1):
+            if deadline is not None:
+                pause = self._retry.backoff(attempt - 1, reply.retry_after if reply else None)
+                if self._monotonic() + pause >= deadline:
+                    break
+                self._sleep(pause)
+            try:
+                token = self._tokens.token()  # the slow parts before the slot: token, then connection
+                self._transport.warm(url)
+                self._admit(gate, max_wait if attempt == 1 else 0.0)
+                if on_send is not None:
+                    on_send()
+                deadline = deadline or self._monotonic() + self._budget  # the budget starts at the send
+                status, raw, headers = self._post(url, payload, token, deadline)
+            except NotSent:
+                deadline = deadline or self._monotonic() + self._budget
+                continue
+            except QuotaExceeded:
+                if attempt == 1:
+                    raise
+                break  # no quota left for a retry: the last answer stands
+            reply = _reply(status, raw, headers, attempt)
+            if not self._retry.retries(status):
                 return reply
-            if attempt >= self._retry.max_attempts:
-                if reply is None:
-                    raise UpstreamUnavailable("Could not connect to the Defender API")
-                return reply
-            pause = self._retry.backoff(attempt, reply.retry_after if reply else None)
-            if time.monotonic() + pause >= deadline:
-                if reply is None:
-                    raise UpstreamUnavailable("Could not connect to the Defender API within the time budget")
-                return reply
-            time.sleep(pause)
+        if reply is None:
+            raise UpstreamUnavailable("Could not connect to the Defender API")
+        return reply
 
-    def _attempt(self, url: str, payload: str, deadline: float, attempt: int) -> UpstreamReply | None:
-        """One POST; None when the connection was never established (safe to retry)."""
-        headers = {"Authorization": f"Bearer {self._tokens.token()}", "Content-Type": "application/json"}
-        remaining = deadline - time.monotonic()  # after the token: its fetch spends the same budget
-        if remaining <= 0:
-            raise UpstreamTimeout("The Defender API did not answer within the time budget")
+    def _post(self, url: str, payload: str, token: str, deadline: float) -> tuple[int, bytes, Mapping[str, str]]:
+        """The send. A failure after the request may have left is OutcomeUnknown: never retried."""
+        try:
+            return self._transport.post(url, payload, _headers(token), deadline)
+        except (UpstreamTimeout, UpstreamUnavailable) as exc:
+            raise OutcomeUnknown(exc) from None
+
+    @staticmethod
+    def _admit(gate: QuotaGate | None, max_wait: float) -> None:
+        """Return when a slot to send on is good now; a stale one is asked again, within the
+        limiter's bound on entries (StateStoreUnavailable past it)."""
+        if gate is None:
+            return
+        permit = gate.acquire(max_wait)
+        while not gate.on_time(permit):
+            permit = gate.acquire(0.0, spent=permit.entries)
+
+
+def _headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+
+class RequestsTransport:
+    """A pooled `requests` session: no redirects (a 307/308 would re-POST without the limiter), no
+    adapter retries (ours are the policy's), no proxy or .netrc from the environment."""
+
+    def __init__(self, session: requests.Session | None = None) -> None:
+        self._session = session or _pooled_session()
+
+    def warm(self, url: str) -> None:
+        adapter = self._session.get_adapter(url)
+        if not isinstance(adapter, HTTPAdapter):
+            return
+        try:
+            request = requests.Request("POST", url).prepare()
+            pool = adapter.get_connection_with_tls_context(request, verify=True)
+            if not isinstance(pool, HTTPConnectionPool):
+                return
+            # urllib3 has no public "connect ahead"; its pool hands the same connection to the POST.
+            conn = pool._get_conn()
+            try:
+                if not conn.is_connected:
+                    conn.timeout = CONNECT_TIMEOUT
+                    conn.connect()
+            finally:
+                pool._put_conn(conn)
+        except (OSError, HTTPError, ValueError) as exc:
+            raise NotSent(type(exc).__name__) from None
+
+    def post(
+        self, url: str, payload: str, headers: Mapping[str, str], deadline: float
+    ) -> tuple[int, bytes, Mapping[str, str]]:
+        remaining = max(0.001, deadline - time.monotonic())
         try:
             with self._session.post(
-                url, data=payload, headers=headers, timeout=(min(CONNECT_TIMEOUT, remaining), remaining), stream=True
+                url,
+                data=payload,
+                headers=dict(headers),
+                timeout=(min(CONNECT_TIMEOUT, remaining), remaining),
+                stream=True,
+                allow_redirects=False,
             ) as response:
-                raw = _read_capped(response, deadline)
-                return _reply(response.status_code, raw, response.headers, attempt)
+                return response.status_code, _read_capped(response, deadline), response.headers
         except requests.ConnectionError as exc:
             if _never_connected(exc):
-                if isinstance(exc, requests.ConnectTimeout) and time.monotonic() >= deadline:
-                    raise UpstreamTimeout("The Defender API did not accept a connection in time") from None
-                return None
+                raise NotSent(type(exc).__name__) from None
             if isinstance(exc, requests.Timeout):
                 raise UpstreamTimeout("The Defender API did not answer within the time budget") from None
             raise UpstreamUnavailable("The connection to the Defender API failed mid-request") from None
@@ -167,7 +264,7 @@ def _read_capped(response: requests.Response, deadline: float) -> bytes:
 def _reply(status: int, raw: bytes, headers: Mapping[str, str], attempts: int) -> UpstreamReply:
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         body = None
     if not isinstance(body, (dict, list)):
         body = error_body("InvalidUpstreamResponse", f"The Defender API answered {status} with a body that is not JSON")
@@ -186,4 +283,6 @@ def parse_retry_after(value: str | None) -> int | None:
             seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError):
             return None
+    if not math.isfinite(seconds):
+        return None
     return max(1, math.ceil(seconds))

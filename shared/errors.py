@@ -80,3 +80,14 @@ class RequestInProgress(AppError):
 
     status = 409
     code = "RequestInProgress"
+
+
+class OutcomeUnknown(AppError):
+    """A request left for Defender and its answer was lost (timeout, connection cut): Defender may
+    have acted. Answered with the cause's status and code; never retried, never sent again for the
+    same idempotency key."""
+
+    def __init__(self, cause: AppError) -> None:
+        super().__init__(cause.message, retry_after=cause.retry_after)
+        self.status = cause.status
+        self.code = cause.code

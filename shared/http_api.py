@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shared.app import get_app, get_settings
-from shared.callers import check_caller
+from shared.callers import caller_scope, check_caller
 from shared.errors import AppError, error_body
 from shared.validation import correlation_id, parse_http_cancel
 
@@ -33,8 +33,10 @@ def cancel(action_id: str, body: bytes, headers: Mapping[str, str]) -> Reply:
     correlation = correlation_id(headers.get(CORRELATION_HEADER))
     reply_headers = {CORRELATION_HEADER: correlation}
     try:
-        check_caller(headers, get_settings().allowed_callers)
-        command = parse_http_cancel(action_id, body, correlation, headers.get(IDEMPOTENCY_HEADER))
+        allowed = get_settings().allowed_callers
+        check_caller(headers, allowed)
+        scope = caller_scope(headers, allowed)
+        command = parse_http_cancel(action_id, body, correlation, headers.get(IDEMPOTENCY_HEADER), scope)
         app = get_app()
         result = app.service.cancel(command, max_wait=app.settings.http_max_wait_seconds)
     except AppError as exc:

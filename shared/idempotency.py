@@ -1,8 +1,13 @@
-"""Idempotency records in Table Storage: one Defender call per key, answers replayed for 24 h.
+"""Idempotency records in Table Storage: at most one Defender call per key, answers replayed for 24 h.
 
 `claim` inserts the record if absent (create_entity), so of two instances racing on one key only
 one wins; the other sees it in flight (409 / a deferral) or, once done, replays the stored answer.
-A claim whose holder died is taken over after a lease, with an ETag-guarded replace.
+The winner holds a `Claim` (the record's ETag): `complete` and `release` are conditional on it, so
+a holder that was overtaken can never overwrite or delete the new holder's record.
+
+A claim whose holder died (its lease ran out) may have sent its cancel before dying, so it is
+never sent again: the key is settled with an "outcome unknown" answer. An answer older than 24 h
+frees its key for any new request.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import hashlib
 import json
 import logging
 import time
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +25,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
-from shared.errors import InvalidRequest, RequestInProgress, StateStoreUnavailable
+from shared.errors import InvalidRequest, RequestInProgress, StateStoreUnavailable, error_body
 from shared.storage import recreating_table
 
 if TYPE_CHECKING:
@@ -27,8 +34,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TTL_SECONDS = 24 * 3600
-MAX_BODY_BYTES = 60 * 1024  # Edm.Binary holds 64 KiB
 ROW_KEY = "idempotency"
+CHUNK_BYTES = 64 * 1024  # an Edm.Binary property holds 64 KiB
+MAX_CHUNKS = 15  # an entity holds 1 MiB; Defender's answers are capped at 1 MiB before compression
+COMPLETE_TRIES = 3
+COMPLETE_BACKOFF = 0.2
+UNKNOWN_STATUS = 502
+UNKNOWN_CODE = "OutcomeUnknown"
 
 
 @dataclass(frozen=True)
@@ -37,84 +49,165 @@ class StoredAnswer:
     body: Any
 
 
+@dataclass(frozen=True)
+class Claim:
+    """The right to call Defender for `key`, as long as the record is still at `etag`."""
+
+    key: str
+    action_id: str
+    etag: str
+
+
 def _unavailable(exc: AzureError) -> StateStoreUnavailable:
     return StateStoreUnavailable(f"The idempotency records cannot be reached: {type(exc).__name__}", retry_after=5)
 
 
+def outcome_unknown_answer() -> StoredAnswer:
+    return StoredAnswer(
+        UNKNOWN_STATUS,
+        error_body(
+            UNKNOWN_CODE,
+            "An earlier request with this key stopped after it may have reached Defender, before its answer "
+            "was recorded. Defender may have cancelled the action: read its status before trying again "
+            "with a new key.",
+        ),
+    )
+
+
 class IdempotencyStore:
-    def __init__(self, table: TableClient, lease_seconds: float = 360.0, clock: Any = time.time) -> None:
+    def __init__(
+        self,
+        table: TableClient,
+        lease_seconds: float = 360.0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         """`lease_seconds`: after this long an in-flight claim is taken to be abandoned (its holder
-        died); it must exceed the function timeout, so a live holder is never overtaken."""
+        died); settings make it longer than any live holder's wait plus Defender's budget."""
         self._table = table
-        self._lease = lease_seconds
+        self.lease_seconds = lease_seconds
         self._clock = clock
+        self._sleep = sleep
 
     @staticmethod
     def partition(key: str) -> str:
         # Keys are the caller's text; a hash is always a valid PartitionKey.
         return hashlib.sha256(key.encode()).hexdigest()
 
-    def claim(self, key: str, action_id: str) -> StoredAnswer | None:
-        """None: the caller now owns the key and must call Defender, then complete or release it."""
-        pk = self.partition(key)
-        record = {"PartitionKey": pk, "RowKey": ROW_KEY, "ActionId": action_id, "State": "in_flight",
-                  "ClaimedAt": self._clock()}  # fmt: skip
+    def claim(self, key: str, action_id: str) -> StoredAnswer | Claim:
+        """A Claim: the caller now owns the key and must call Defender, then complete or release it.
+        A StoredAnswer: replay it. Raises RequestInProgress, InvalidRequest, StateStoreUnavailable."""
+        record = self._in_flight(key, action_id)
         try:
-            recreating_table(self._table, lambda: self._table.create_entity(record))
-            return None
+            meta = recreating_table(self._table, lambda: self._table.create_entity(record))
+            return Claim(key, action_id, str(meta["etag"]))
         except ResourceExistsError:
             pass
         except AzureError as exc:
             raise _unavailable(exc) from None
-        return self._existing(pk, key, action_id, record)
+        return self._existing(key, action_id)
 
-    def _existing(self, pk: str, key: str, action_id: str, record: dict[str, Any]) -> StoredAnswer | None:
+    def _in_flight(self, key: str, action_id: str) -> dict[str, Any]:
+        return {"PartitionKey": self.partition(key), "RowKey": ROW_KEY, "ActionId": action_id,
+                "State": "in_flight", "ClaimedAt": self._clock()}  # fmt: skip
+
+    def _existing(self, key: str, action_id: str) -> StoredAnswer | Claim:
         try:
-            entity = self._table.get_entity(pk, ROW_KEY)
+            entity = self._table.get_entity(self.partition(key), ROW_KEY)
         except ResourceNotFoundError:  # released between our insert and read: race for it again
             return self.claim(key, action_id)
         except AzureError as exc:
             raise _unavailable(exc) from None
         now = self._clock()
         answered = entity.get("State") == "done" and now - float(entity.get("CompletedAt", 0)) < TTL_SECONDS
-        in_flight = entity.get("State") == "in_flight" and now - float(entity.get("ClaimedAt", 0)) < self._lease
+        in_flight = entity.get("State") == "in_flight"
         if (answered or in_flight) and entity.get("ActionId") != action_id:
             raise InvalidRequest("This idempotency key was already used for another machine action")
         if answered:
-            return StoredAnswer(int(entity["Status"]), json.loads(bytes(entity["Body"])))
-        if in_flight:
+            return StoredAnswer(int(entity["Status"]), unpack_body(entity))
+        if in_flight and now - float(entity.get("ClaimedAt", 0)) < self.lease_seconds:
             raise RequestInProgress("A request with this idempotency key is still in progress", retry_after=5)
-        try:  # expired answer or abandoned claim: take it over, unless someone else just did
-            self._table.update_entity(
-                record,
-                mode=UpdateMode.REPLACE,
-                etag=entity.metadata["etag"],
-                match_condition=MatchConditions.IfNotModified,
+        etag = str(entity.metadata["etag"])
+        if in_flight:  # its holder died, maybe after sending: settle the key, never send again
+            unknown = outcome_unknown_answer()
+            self._replace(self._done(key, action_id, unknown.status, unknown.body), etag)
+            return unknown
+        return Claim(key, action_id, self._replace(self._in_flight(key, action_id), etag))  # an expired answer
+
+    def _replace(self, entity: dict[str, Any], etag: str) -> str:
+        """Replace the record if it is still at `etag`; its new ETag. Someone else first: 409."""
+        try:
+            meta = self._table.update_entity(
+                entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
             )
-            return None
-        except ResourceModifiedError:
+            return str(meta["etag"])
+        except (ResourceModifiedError, ResourceNotFoundError):
             raise RequestInProgress("A request with this idempotency key is in progress", retry_after=5) from None
         except AzureError as exc:
             raise _unavailable(exc) from None
 
-    def complete(self, key: str, action_id: str, status: int, body: Any) -> None:
-        """Store Defender's final answer. A failure is logged, not raised: the caller must still get
-        the answer; the claim then lapses after its lease."""
-        raw = json.dumps(body).encode()
-        if len(raw) > MAX_BODY_BYTES:
-            raw = json.dumps(
-                {"error": {"code": "AnswerTooLarge", "message": "Defender's answer was not stored"}}
-            ).encode()
-        entity = {"PartitionKey": self.partition(key), "RowKey": ROW_KEY, "ActionId": action_id, "State": "done",
-                  "Status": status, "Body": raw, "CompletedAt": self._clock()}  # fmt: skip
-        try:
-            recreating_table(self._table, lambda: self._table.upsert_entity(entity, mode=UpdateMode.REPLACE))
-        except AzureError as exc:
-            logger.error("could not store the answer for an idempotency key (%s)", type(exc).__name__)
+    def _done(self, key: str, action_id: str, status: int, body: Any) -> dict[str, Any]:
+        packed = pack_body(body)
+        if packed is None:  # replay an honest error, never Defender's status with a stand-in body
+            note = error_body("AnswerNotStored", f"Defender answered {status}; its answer was too large to keep")
+            status, packed = UNKNOWN_STATUS, pack_body(note) or {}
+        return {"PartitionKey": self.partition(key), "RowKey": ROW_KEY, "ActionId": action_id, "State": "done",
+                "Status": status, "CompletedAt": self._clock(), **packed}  # fmt: skip
 
-    def release(self, key: str) -> None:
-        """Forget an in-flight claim that got no final answer, so a retry may call Defender."""
+    def complete(self, claim: Claim, status: int, body: Any) -> None:
+        """Store Defender's answer for the claimed key, if the claim still holds; retried a few times.
+        Never raises: the caller must still get the answer. If every try fails, the claim stays in
+        flight and, after its lease, the key answers "outcome unknown" (it is never sent again)."""
+        entity = self._done(claim.key, claim.action_id, status, body)
+        for attempt in range(COMPLETE_TRIES):
+            try:
+                self._table.update_entity(
+                    entity, mode=UpdateMode.REPLACE, etag=claim.etag, match_condition=MatchConditions.IfNotModified
+                )
+                return
+            except ResourceModifiedError:
+                logger.warning("an idempotency claim was taken over before its answer was stored")
+                return
+            except ResourceNotFoundError:  # the record was lost: store the answer unless someone claimed anew
+                try:
+                    recreating_table(self._table, lambda: self._table.create_entity(entity))
+                except ResourceExistsError:
+                    logger.warning("an idempotency key was claimed anew before its answer was stored")
+                except AzureError as exc:
+                    logger.error("could not store the answer for an idempotency key (%s)", type(exc).__name__)
+                return
+            except AzureError as exc:
+                logger.warning("storing an idempotency answer failed (%s), try %d", type(exc).__name__, attempt + 1)
+                if attempt + 1 < COMPLETE_TRIES:
+                    self._sleep(COMPLETE_BACKOFF * 2**attempt)
+        logger.error("could not store the answer for an idempotency key; it settles as unknown after its lease")
+
+    def release(self, claim: Claim) -> None:
+        """Forget a claim that reached no one (nothing was sent), if it still holds, so a retry may
+        call Defender."""
         try:
-            self._table.delete_entity(self.partition(key), ROW_KEY)
+            self._table.delete_entity(
+                self.partition(claim.key), ROW_KEY, etag=claim.etag, match_condition=MatchConditions.IfNotModified
+            )
+        except (ResourceModifiedError, ResourceNotFoundError):
+            pass  # taken over or gone: not ours to delete
         except AzureError as exc:  # the claim lapses after its lease instead
             logger.error("could not release an idempotency key (%s)", type(exc).__name__)
+
+
+def pack_body(body: Any) -> dict[str, bytes | int] | None:
+    """The answer's JSON, compressed, in as many 64 KiB binary properties as it needs; None when
+    more than one entity can hold."""
+    raw = zlib.compress(json.dumps(body).encode(), 6)
+    chunks = [raw[i : i + CHUNK_BYTES] for i in range(0, len(raw), CHUNK_BYTES)]
+    if len(chunks) > MAX_CHUNKS:
+        return None
+    return {"Body": chunks[0], **{f"Body{i}": chunk for i, chunk in enumerate(chunks[1:], 1)}, "BodyZ": len(chunks)}
+
+
+def unpack_body(entity: dict[str, Any]) -> Any:
+    count = entity.get("BodyZ")
+    if count is None:  # a record written before answers were compressed
+        return json.loads(bytes(entity["Body"]))
+    raw = bytes(entity["Body"]) + b"".join(bytes(entity[f"Body{i}"]) for i in range(1, int(count)))
+    return json.loads(zlib.decompress(raw))

@@ -1,96 +1,146 @@
 """The queue face of the service: one message in, one result message out (or a deferral).
 
-Message: `{"machineActionId", "comment", "correlationId"?}` (+ our own `attempts`). Outcomes:
-- Defender answered finally (2xx/4xx): a result with its status and body.
+Message: `{"machineActionId", "comment", "correlationId"?}` (+ our own `attempts` and `messageId`,
+carried by deferred copies). Its idempotency key is (correlationId, machineActionId), or the first
+delivery's message id when it has no correlationId, so a redelivered or deferred copy replays the
+answer instead of cancelling again. Outcomes:
+- Defender answered (2xx/4xx): a result with its status and body.
+- Defender may have acted but its answer was lost (a timeout, a cut connection, a 500/502/504):
+  a `failed` result at once, with that answer; a retry could only replay it.
 - Invalid message: a `rejected` result quoting it; never retried.
-- Quota used up, Defender's 429, or the same correlation id in flight: the message is sent again
-  with a visibility delay and this invocation ends cleanly, so it never counts toward poison.
-- Transient failure (5xx, timeout, state store down): raise, so the host retries; on the last
-  allowed attempt a `failed` result is sent first (the host writes no output binding on failure).
+- Quota used up, Defender's 429, or the same key in flight: the message is sent again with a
+  visibility delay and this invocation ends cleanly, so it never counts toward poison.
+- Nothing reached Defender (state store down, no token, no connection, Defender's 503): raise, so
+  the host retries; on the last allowed attempt a `failed` result is sent first (the host writes
+  no output binding on failure).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from shared.app import get_app, get_settings
-from shared.errors import AppError, InvalidRequest, QuotaExceeded, RequestInProgress, error_body
+from shared.errors import AppError, InvalidRequest, OutcomeUnknown, QuotaExceeded, RequestInProgress, error_body
 from shared.redaction import redact
-from shared.service import CancelResult, is_final
+from shared.service import CancelResult
+from shared.settings import QUEUE_INLINE_WAIT_SECONDS
 from shared.storage import queue_client
-from shared.validation import CancelCommand, correlation_id, parse_action_id, parse_comment, parse_json_object
+from shared.validation import (
+    CancelCommand,
+    correlation_id,
+    parse_action_id,
+    parse_comment,
+    parse_json_object,
+    queue_key,
+)
 
 logger = logging.getLogger(__name__)
 
 QUEUE = "cancel-machine-action"
 RESULTS_QUEUE = "cancel-machine-action-results"
-INLINE_WAIT_SECONDS = 5.0  # a shorter wait for a slot is slept in place, a longer one deferred
 IN_FLIGHT_DEFER_SECONDS = 5
 MAX_VISIBILITY_SECONDS = 7 * 24 * 3600
 MAX_QUOTED_CHARS = 8192
+_ID_RULE = "1 to 128 letters, digits or . _ : -"
 
 
-def handle(body: bytes, dequeue_count: int) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class QueueCancel:
+    """A valid message: what to cancel, and where its idempotency key comes from."""
+
+    action_id: str
+    comment: str
+    correlation_id: str | None  # as given; None when the message had none
+    message_id: str | None  # the first delivery's queue message id (kept by deferred copies)
+    attempts: int  # deliveries of earlier copies (deferrals)
+
+    @property
+    def reported_correlation(self) -> str:
+        return self.correlation_id or self.message_id or correlation_id(None)
+
+    def command(self) -> CancelCommand:
+        key = queue_key(self.correlation_id, self.action_id, self.message_id)
+        return CancelCommand(self.action_id, self.comment, self.reported_correlation, "queue", key)
+
+    def deferred(self, deliveries: int) -> dict[str, Any]:
+        """The copy to send again: the same key, and every delivery counted."""
+        again: dict[str, Any] = {"machineActionId": self.action_id, "comment": self.comment,
+                                 "attempts": self.attempts + deliveries}  # fmt: skip
+        if self.correlation_id:
+            again["correlationId"] = self.correlation_id
+        elif self.message_id:
+            again["messageId"] = self.message_id
+        return again
+
+
+def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> dict[str, Any] | None:
     """The result message to send, or None when the message was deferred. Raises to be retried."""
     try:
-        message = parse_message(body)
+        message = parse_message(body, message_id)
     except InvalidRequest as exc:
         return rejected(body, exc, dequeue_count)
-    prior = int(message.get("attempts", 0))
-    command = CancelCommand(
-        message["machineActionId"], message["comment"], message["correlationId"], "queue", message["correlationId"]
-    )
+    attempts = message.attempts + dequeue_count
+    command = message.command()
     try:
-        app = get_app()
-        result = app.service.cancel(command, max_wait=INLINE_WAIT_SECONDS)
+        result = get_app().service.cancel(command, max_wait=QUEUE_INLINE_WAIT_SECONDS)
     except QuotaExceeded as exc:
         # Back a little before the slot frees (rounded down), then the short rest is slept in place.
-        defer(message, int(exc.wait_seconds))
+        defer(message, int(exc.wait_seconds), dequeue_count)
         return None
     except RequestInProgress:
-        defer(message, IN_FLIGHT_DEFER_SECONDS)
+        defer(message, IN_FLIGHT_DEFER_SECONDS, dequeue_count)
         return None
     except InvalidRequest as exc:  # e.g. a correlation id reused for another action
-        return rejected(body, exc, prior + dequeue_count)
+        return rejected(body, exc, attempts)
+    except OutcomeUnknown as exc:
+        return _result(command.correlation_id, command.action_id, None, error_body(exc.code, exc.message),
+                       "failed", attempts)  # fmt: skip
     except AppError as exc:
-        last_attempt(command, prior + dequeue_count, dequeue_count, None, error_body(exc.code, exc.message))
+        last_attempt(command, attempts, dequeue_count, None, error_body(exc.code, exc.message))
         raise
     if result.status == 429:
-        defer(message, result.retry_after or IN_FLIGHT_DEFER_SECONDS)
+        defer(message, result.retry_after or IN_FLIGHT_DEFER_SECONDS, dequeue_count)
         return None
-    if not is_final(result.status):
-        last_attempt(command, prior + dequeue_count, dequeue_count, result.status, result.body)
+    if result.status == 503:  # Defender refused before acting, even after our retries
+        last_attempt(command, attempts, dequeue_count, result.status, result.body)
         raise TransientUpstreamError(f"Defender answered {result.status}; the host will retry")
-    return result_message(command, result, prior + dequeue_count)
+    return result_message(command, result, attempts)
 
 
 class TransientUpstreamError(Exception):
-    """Defender answered 5xx: raised so the host retries the message."""
+    """Defender answered 503: raised so the host retries the message."""
 
 
-def parse_message(body: bytes) -> dict[str, Any]:
+def parse_message(body: bytes, message_id: str | None = None) -> QueueCancel:
     payload = parse_json_object(body, "The message")
-    given = payload.get("correlationId")
-    if given is not None and correlation_id(given if isinstance(given, str) else None) != given:
-        raise InvalidRequest("correlationId must be 1 to 128 letters, digits or . _ : -", code="InvalidRequestBody")
+    given = _optional_id(payload, "correlationId")
+    carried = _optional_id(payload, "messageId")
     attempts = payload.get("attempts", 0)
-    return {
-        "machineActionId": parse_action_id(payload.get("machineActionId")),
-        "comment": parse_comment(payload),
-        # A message without one gets one now, so its deferrals and its result share it.
-        "correlationId": given or correlation_id(None),
-        "attempts": attempts if isinstance(attempts, int) and attempts >= 0 else 0,
-    }
+    return QueueCancel(
+        action_id=parse_action_id(payload.get("machineActionId")),
+        comment=parse_comment(payload),
+        correlation_id=given,
+        message_id=carried or message_id,
+        attempts=attempts if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 0 else 0,
+    )
+
+
+def _optional_id(payload: dict[str, Any], name: str) -> str | None:
+    given = payload.get(name)
+    if given is not None and correlation_id(given if isinstance(given, str) else None) != given:
+        raise InvalidRequest(f"{name} must be {_ID_RULE}", code="InvalidRequestBody")
+    return given
 
 
 def rejected(body: bytes, exc: InvalidRequest, attempts: int) -> dict[str, Any]:
     quoted = redact(body.decode("utf-8", "replace")[:MAX_QUOTED_CHARS])
     try:
         original: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         original = None
     fields = original if isinstance(original, dict) else {}
     answer = error_body(exc.code, exc.message)
@@ -101,7 +151,12 @@ def rejected(body: bytes, exc: InvalidRequest, attempts: int) -> dict[str, Any]:
 
 
 def result_message(command: CancelCommand, result: CancelResult, attempts: int) -> dict[str, Any]:
-    outcome = "cancelled" if 200 <= result.status < 300 else "upstream_rejected"
+    if 200 <= result.status < 300:
+        outcome = "cancelled"
+    elif result.status >= 500:  # a 500/502/504: Defender may have acted; it is not asked again
+        outcome = "failed"
+    else:
+        outcome = "upstream_rejected"
     message = _result(command.correlation_id, command.action_id, result.status, result.body, outcome, attempts)
     if result.replayed:
         message["replayed"] = True
@@ -117,12 +172,12 @@ def last_attempt(command: CancelCommand, attempts: int, dequeue_count: int, stat
     queue_client(settings.queue_storage, RESULTS_QUEUE).send_message(json.dumps(message))
 
 
-def defer(message: dict[str, Any], seconds: int) -> None:
+def defer(message: QueueCancel, seconds: int, deliveries: int) -> None:
     """Send the message again, visible in `seconds`; this invocation then ends cleanly."""
-    again = {**message, "attempts": int(message.get("attempts", 0)) + 1}
     delay = max(1, min(int(seconds), MAX_VISIBILITY_SECONDS))
-    queue_client(get_settings().queue_storage, QUEUE).send_message(json.dumps(again), visibility_timeout=delay)
-    logger.info("deferred %s by %d s (correlation %s)", message["machineActionId"], delay, message["correlationId"])
+    again = json.dumps(message.deferred(deliveries))
+    queue_client(get_settings().queue_storage, QUEUE).send_message(again, visibility_timeout=delay)
+    logger.info("deferred %s by %d s (correlation %s)", message.action_id, delay, message.reported_correlation)
 
 
 def _result(

@@ -20,11 +20,18 @@ class MemorySlidingLog:
             self.requests += 1
             return self._snapshot
 
-    def write(self, log: Sequence[int], blocked_until: int, etag: str | None) -> str:
+    def write(
+        self, log: Sequence[int], blocked_until: int, etag: str | None, horizon_ms: int = 0, writers: str = ""
+    ) -> str:
         with self._lock:
             self.requests += 1
             if etag != self._snapshot.etag:
                 raise Conflict
             self._version += 1
-            self._snapshot = Snapshot(tuple(log), blocked_until, str(self._version))
+            self._snapshot = Snapshot(tuple(log), blocked_until, str(self._version), horizon_ms, writers)
             return str(self._version)
+
+    def lose(self) -> None:
+        """The record vanishes (a deleted table, a rebuilt store)."""
+        with self._lock:
+            self._snapshot = Snapshot((), 0, None)

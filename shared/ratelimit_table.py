@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import UpdateMode
+from azure.data.tables import EdmType, EntityProperty, UpdateMode
 
 from shared.errors import StateStoreUnavailable
 from shared.ratelimit import Conflict, Snapshot
@@ -54,12 +54,22 @@ class TableSlidingLog:
         except AzureError as exc:
             raise _unavailable(exc) from None
         log, blocked_until = unpack(bytes(entity.get("Log") or b""))
-        return Snapshot(log, blocked_until, entity.metadata["etag"])
+        horizon = entity.get("HorizonMs")
+        horizon_ms = int(horizon.value if isinstance(horizon, EntityProperty) else horizon or 0)
+        return Snapshot(log, blocked_until, entity.metadata["etag"], horizon_ms, str(entity.get("Writers") or ""))
 
-    def write(self, log: Sequence[int], blocked_until: int, etag: str | None) -> str:
+    def write(
+        self, log: Sequence[int], blocked_until: int, etag: str | None, horizon_ms: int = 0, writers: str = ""
+    ) -> str:
         if len(log) > MAX_ENTRIES:
             raise StateStoreUnavailable("The rate limit log is larger than one entity can hold", retry_after=60)
-        entity: dict[str, Any] = {"PartitionKey": self._key, "RowKey": ROW_KEY, "Log": pack(log, blocked_until)}
+        entity: dict[str, Any] = {
+            "PartitionKey": self._key,
+            "RowKey": ROW_KEY,
+            "Log": pack(log, blocked_until),
+            "HorizonMs": EntityProperty(horizon_ms, EdmType.INT64),
+            "Writers": writers,
+        }
         try:
             if etag is not None:
                 meta = self._table.update_entity(

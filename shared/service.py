@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from shared import defender
 from shared.audit import AuditLog, AuditRecord
 from shared.defender import DefenderClient
-from shared.errors import AppError
+from shared.errors import AppError, OutcomeUnknown, StateStoreUnavailable, error_body
+from shared.idempotency import StoredAnswer
 from shared.validation import CancelCommand
 
 if TYPE_CHECKING:
-    from shared.idempotency import StoredAnswer
+    from shared.idempotency import Claim
 
 logger = logging.getLogger(__name__)
 
 
-class QuotaGate(Protocol):
+class QuotaGate(defender.QuotaGate, Protocol):
     """The shared rate limiter, as the service sees it."""
-
-    def acquire(self, max_wait: float) -> None:
-        """Return when a call may be sent now; raise QuotaExceeded or StateStoreUnavailable."""
 
     def throttled(self, retry_after: int) -> None:
         """Defender answered 429 anyway: hold every instance off for `retry_after` seconds."""
@@ -31,11 +31,13 @@ class QuotaGate(Protocol):
 class AnswerStore(Protocol):
     """Idempotency records, as the service sees them (see shared.idempotency)."""
 
-    def claim(self, key: str, action_id: str) -> StoredAnswer | None: ...
+    lease_seconds: float
 
-    def complete(self, key: str, action_id: str, status: int, body: Any) -> None: ...
+    def claim(self, key: str, action_id: str) -> StoredAnswer | Claim: ...
 
-    def release(self, key: str) -> None: ...
+    def complete(self, claim: Claim, status: int, body: Any) -> None: ...
+
+    def release(self, claim: Claim) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,10 @@ class CancelResult:
     replayed: bool = False
 
 
-def is_final(status: int) -> bool:
-    """An answer worth replaying: not throttled, not a server failure a retry could change."""
-    return status != 429 and status < 500
+def settles(status: int) -> bool:
+    """An answer that settles a key: everything but Defender refusing before it acted (429, 503).
+    A 500 or a gateway's 502/504 may come after Defender cancelled: it is kept, never sent again."""
+    return status not in (429, 503)
 
 
 class CancelService:
@@ -62,11 +65,15 @@ class CancelService:
         audit: AuditLog,
         gate: QuotaGate | None = None,
         answers: AnswerStore | None = None,
+        budget_seconds: float = 30.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._defender = defender
         self._audit = audit
         self._gate = gate
         self._answers = answers
+        self._budget = budget_seconds
+        self._monotonic = monotonic
 
     def cancel(self, command: CancelCommand, max_wait: float = 0.0) -> CancelResult:
         """Cancel one machine action, at most once per idempotency key.
@@ -74,40 +81,45 @@ class CancelService:
         Raises AppError subclasses when Defender gave no answer (quota, state store, network)."""
         key = command.idempotency_key
         if key is None or self._answers is None:
-            return self._call(command, max_wait)
-        stored = self._answers.claim(key, command.action_id)
-        if stored is not None:
-            return CancelResult(stored.status, stored.body, replayed=True)
+            return self._call(command, max_wait, None)
+        held = self._answers.claim(key, command.action_id)
+        if isinstance(held, StoredAnswer):
+            return CancelResult(held.status, held.body, replayed=True)
+        # The send must start while the claim's lease can still cover Defender's whole budget.
+        fence = self._monotonic() + self._answers.lease_seconds - self._budget
         try:
-            result = self._call(command, max_wait)
-        except BaseException:
-            self._answers.release(key)  # no answer: a retry may call Defender
+            result = self._call(command, max_wait, fence)
+        except OutcomeUnknown as exc:  # it may have acted: the key keeps this answer
+            self._answers.complete(held, exc.status, error_body(exc.code, exc.message))
             raise
-        if is_final(result.status):
-            self._answers.complete(key, command.action_id, result.status, result.body)
+        except BaseException:
+            self._answers.release(held)  # nothing was sent: a retry may call Defender
+            raise
+        if settles(result.status):
+            self._answers.complete(held, result.status, result.body)
         else:
-            self._answers.release(key)
+            self._answers.release(held)
         return result
 
-    def _call(self, command: CancelCommand, max_wait: float) -> CancelResult:
-        started = time.monotonic()
+    def _call(self, command: CancelCommand, max_wait: float, fence: float | None) -> CancelResult:
+        started = self._monotonic()
         attempts = 0
 
-        def before_attempt() -> None:
+        def on_send() -> None:
             nonlocal attempts
-            if self._gate is not None:
-                self._gate.acquire(max_wait if attempts == 0 else 0.0)
+            if fence is not None and self._monotonic() > fence:
+                raise StateStoreUnavailable("The claim on this idempotency key ran out before the send", retry_after=5)
             attempts += 1
 
         try:
-            reply = self._defender.cancel(command.action_id, command.comment, before_attempt)
+            reply = self._defender.cancel(command.action_id, command.comment, self._gate, max_wait, on_send)
         except AppError as exc:
             if attempts:  # something was (or may have been) sent upstream: that is worth a record
                 self._record(command, None, type(exc).__name__, started, attempts, None)
             raise
+        self._record(command, reply.status, _outcome(reply.status), started, reply.attempts, reply.request_id)
         if reply.status == 429 and self._gate is not None:
             self._gate.throttled(reply.retry_after or 60)
-        self._record(command, reply.status, _outcome(reply.status), started, reply.attempts, reply.request_id)
         return CancelResult(reply.status, reply.body, reply.retry_after, reply.request_id, reply.attempts)
 
     def _record(
@@ -119,7 +131,7 @@ class CancelService:
         attempts: int,
         request_id: str | None,
     ) -> None:
-        duration_ms = (time.monotonic() - started) * 1000
+        duration_ms = (self._monotonic() - started) * 1000
         logger.info(
             "cancel %s via %s: upstream %s (%s) in %.1f ms, %d attempt(s), correlation %s",
             command.action_id,

@@ -55,9 +55,18 @@ DEFAULT_AUDIT_TABLE = "CancelAudit"
 DEFAULT_RATE_LIMIT_TABLE = "CancelRateLimit"
 DEFAULT_IDEMPOTENCY_TABLE = "CancelIdempotency"
 DEFAULT_IDEMPOTENCY_LEASE = 360.0  # longer than host.json's functionTimeout (5 min)
+QUEUE_INLINE_WAIT_SECONDS = 5.0  # a queue message sleeps this long for a slot in place; longer is deferred
+# "Regardless of the function app timeout setting, 230 seconds is the maximum amount of time that an
+# HTTP triggered function can take to respond" (Azure Load Balancer's idle timeout; MicrosoftDocs
+# azure-docs, includes/functions-timeout-duration.md).
+HTTP_RESPONSE_LIMIT_SECONDS = 230.0
 
 _TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{2,62}")
-_WINDOW = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*")
+_WINDOW = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]+(?:\.[0-9]+)?)\s*")
+_WHOLE = re.compile(r"[0-9]+")
+# A PartitionKey may not hold / \ # ? or control characters, and is at most 1 KiB (Table service
+# data model, "Characters disallowed in key fields").
+_PARTITION_KEY = re.compile(r"[^/\\#?\x00-\x1f\x7f-\x9f]{1,512}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,11 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """The validated settings; a SettingsError names the setting (or the two settings) at fault."""
+        return check_consistent(cls._read(env))
+
+    @classmethod
+    def _read(cls, env: Mapping[str, str] | None) -> Settings:
         env = os.environ if env is None else env
         cloud = _get(env, "DEFENDER_CLOUD", "Public")
         if cloud not in CLOUDS:
@@ -117,7 +131,7 @@ class Settings:
             queue_storage=parse_storage_connection(env, QUEUE_CONNECTION, service="queue"),
             max_dequeue_count=host_max_dequeue_count(),
             rate_limits=parse_rate_limits(_get(env, "RATE_LIMITS", DEFAULT_RATE_LIMITS)),
-            rate_limit_key=_get(env, "RATE_LIMIT_KEY", f"{cloud}-{client_id or 'system'}"),
+            rate_limit_key=_partition_key(env, "RATE_LIMIT_KEY", f"{cloud}-{client_id or 'system'}"),
             safety_ms=_int(env, "RATE_LIMIT_SAFETY_MS", DEFAULT_SAFETY_MS),
             http_max_wait_seconds=_seconds(env, "HTTP_MAX_WAIT_SECONDS", 0.0),
             timeout_seconds=_seconds(env, "DEFENDER_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS),
@@ -134,9 +148,37 @@ def _get(env: Mapping[str, str], name: str, default: str) -> str:
     return value or default
 
 
+def check_consistent(settings: Settings) -> Settings:
+    """Refuse settings that contradict each other, naming both."""
+    longest_wait = max(settings.http_max_wait_seconds, QUEUE_INLINE_WAIT_SECONDS)
+    if settings.idempotency_lease_seconds <= longest_wait + settings.timeout_seconds:
+        raise SettingsError(
+            f"IDEMPOTENCY_LEASE_SECONDS ({settings.idempotency_lease_seconds:g}) must exceed the longest wait for "
+            f"a slot (HTTP_MAX_WAIT_SECONDS or the queue's {QUEUE_INLINE_WAIT_SECONDS:g} s, here {longest_wait:g}) "
+            f"plus DEFENDER_TIMEOUT_SECONDS ({settings.timeout_seconds:g}): a live holder would be overtaken"
+        )
+    if settings.http_max_wait_seconds + settings.timeout_seconds > HTTP_RESPONSE_LIMIT_SECONDS:
+        raise SettingsError(
+            f"HTTP_MAX_WAIT_SECONDS ({settings.http_max_wait_seconds:g}) plus DEFENDER_TIMEOUT_SECONDS "
+            f"({settings.timeout_seconds:g}) must be at most {HTTP_RESPONSE_LIMIT_SECONDS:g} s, the longest an "
+            "HTTP-triggered function may take to answer on Azure"
+        )
+    return settings
+
+
+def _partition_key(env: Mapping[str, str], name: str, default: str) -> str:
+    value = _get(env, name, default)
+    if not _PARTITION_KEY.fullmatch(value):
+        raise SettingsError(
+            f"{name} must be 1 to 512 characters without / \\ # ? or control characters "
+            f"(it is a Table PartitionKey); got {value!r}"
+        )
+    return value
+
+
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = _get(env, name, str(default))
-    if not raw.isdigit():
+    if not _WHOLE.fullmatch(raw):
         raise SettingsError(f"{name} must be a whole number >= 0; got {raw!r}")
     return int(raw)
 
@@ -181,10 +223,14 @@ def parse_api_base_url(raw: str) -> str:
     """Accept https on a known Defender host, or a loopback address (http allowed) for local use."""
     url = urlsplit(raw)
     host = (url.hostname or "").lower()
-    ok_path = url.path in ("", "/") and not url.query and not url.fragment and not url.username
+    try:
+        port = url.port
+    except ValueError:  # a port that is not a number, or out of range
+        port = -1
+    ok_path = port != -1 and url.path in ("", "/") and not url.query and not url.fragment and not url.username
     if ok_path and _is_loopback(host) and url.scheme in ("http", "https"):
         return raw.rstrip("/")
-    if ok_path and url.scheme == "https" and host in KNOWN_DEFENDER_HOSTS and url.port in (None, 443):
+    if ok_path and url.scheme == "https" and host in KNOWN_DEFENDER_HOSTS and port in (None, 443):
         return raw.rstrip("/")
     raise SettingsError(
         "DEFENDER_API_BASE_URL must be https://<a Defender API host> (e.g. "

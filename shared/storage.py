@@ -51,10 +51,15 @@ def _open(client_class: Any, conn: StorageConnection, service_uri: str | None, n
     )
     if conn.connection_string:
         return client_class.from_connection_string(conn.connection_string, name, **options)
+    return client_class(str(service_uri), name, credential=storage_credential(conn.client_id), **options)
+
+
+@functools.cache
+def storage_credential(client_id: str | None) -> Any:
+    """One managed identity credential (one token cache) for every storage client of an identity."""
     from azure.identity import ManagedIdentityCredential
 
-    credential = ManagedIdentityCredential(client_id=conn.client_id)
-    return client_class(str(service_uri), name, credential=credential, **options)
+    return ManagedIdentityCredential(client_id=client_id)
 
 
 def _create(create: Callable[[], Any], what: str) -> None:

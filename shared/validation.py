@@ -50,7 +50,7 @@ def parse_json_object(body: bytes, what: str = "The request body") -> dict[str, 
         raise InvalidRequest(f"{what} must be at most {MAX_BODY_BYTES} bytes", code="InvalidRequestBody")
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: crafted deep nesting
         payload = None
     if not isinstance(payload, dict):
         raise InvalidRequest(f"{what} must be a JSON object", code="InvalidRequestBody")
@@ -72,8 +72,24 @@ def parse_idempotency_key(raw: str | None) -> str | None:
     return raw
 
 
-def parse_http_cancel(action_id: str, body: bytes, correlation: str, idempotency_key: str | None) -> CancelCommand:
+# Idempotency keys are scoped, so one trigger's or caller's keys never meet another's: an HTTP key
+# by its caller, a queue message by (correlation id, action id) -- one ticket may name many
+# actions -- or, without a correlation id, by the queue message's own id.
+def http_key(caller_scope: str, key: str) -> str:
+    return f"http|{caller_scope}|{key}"
+
+
+def queue_key(correlation: str | None, action_id: str, message_id: str | None) -> str | None:
+    if correlation:
+        return f"queue|correlation|{correlation}|{action_id}"
+    return f"queue|message|{message_id}" if message_id else None
+
+
+def parse_http_cancel(
+    action_id: str, body: bytes, correlation: str, idempotency_key: str | None, caller_scope: str
+) -> CancelCommand:
     """Validate an HTTP cancel; raises InvalidRequest before anything is sent upstream."""
     action = parse_action_id(action_id)
     comment = parse_comment(parse_json_object(body))
-    return CancelCommand(action, comment, correlation, "http", parse_idempotency_key(idempotency_key))
+    key = parse_idempotency_key(idempotency_key)
+    return CancelCommand(action, comment, correlation, "http", http_key(caller_scope, key) if key else None)

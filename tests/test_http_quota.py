@@ -76,7 +76,8 @@ def test_quota_endpoint_reports_each_window(
     short, long = body["windows"]
     assert (short["limit"], short["seconds"], short["used"], short["remaining"]) == (2, 60, 2, 0)
     assert 59 <= short["nextSlotInSeconds"] <= 62
-    assert (long["limit"], long["used"], long["remaining"], long["nextSlotInSeconds"]) == (10, 2, 8, 0)
+    assert (long["limit"], long["used"], long["remaining"]) == (10, 2, 8)
+    assert long["nextSlotInSeconds"] <= 0.25  # free now, or once the last reservation has gone
     assert body["blockedUntil"] is None
 
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
 import pytest
+from azure.core.exceptions import ServiceRequestError
 
 from localdev.azurite import Azurite
 from localdev.defender import DefenderSimulator, Fault
-from shared.idempotency import IdempotencyStore
+from shared.idempotency import Claim, IdempotencyStore, StoredAnswer
 from shared.settings import DEFAULT_IDEMPOTENCY_TABLE, StorageConnection
 from shared.storage import table_client
-from tests.conftest import body_of, http_cancel
+from shared.validation import http_key
+from tests.conftest import GUID, body_of, http_cancel
 
 
 def test_a_repeat_replays_the_stored_answer_without_calling_defender(
@@ -32,7 +39,7 @@ def test_a_repeat_while_the_first_is_in_flight_gets_409(
 ) -> None:
     action_id = sim.add_action()
     store = IdempotencyStore(table_client(StorageConnection(azurite.connection_string), DEFAULT_IDEMPOTENCY_TABLE))
-    assert store.claim("ticket-in-flight", action_id) is None  # another instance holds it
+    assert isinstance(store.claim(http_key("function-key", "ticket-in-flight"), action_id), Claim)  # held elsewhere
 
     response = http_cancel(action_id, headers={"Idempotency-Key": "ticket-in-flight"})
 
@@ -50,17 +57,30 @@ def test_a_key_reused_for_another_action_is_refused(app_env: dict[str, str], sim
     assert len(sim.calls()) == 1
 
 
-def test_a_server_failure_is_not_stored_so_a_retry_reaches_defender(
-    app_env: dict[str, str], sim: DefenderSimulator
-) -> None:
+def test_a_refusal_is_not_stored_so_a_retry_reaches_defender(app_env: dict[str, str], sim: DefenderSimulator) -> None:
     action_id = sim.add_action()
-    sim.inject(Fault("status", count=1, status=500))
-    assert http_cancel(action_id, headers={"Idempotency-Key": "k-500"}).status_code == 500
+    sim.inject(Fault("status", count=3, status=503))  # every attempt of the first request refused
+    assert http_cancel(action_id, headers={"Idempotency-Key": "k-503"}).status_code == 503
 
-    retry = http_cancel(action_id, headers={"Idempotency-Key": "k-500"})
+    retry = http_cancel(action_id, headers={"Idempotency-Key": "k-503"})
 
     assert retry.status_code == 200 and "Idempotent-Replayed" not in retry.headers
-    assert len(sim.calls()) == 2
+    assert len(sim.calls()) == 4
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_an_answer_after_which_defender_may_have_acted_is_kept_and_never_sent_again(
+    app_env: dict[str, str], sim: DefenderSimulator, status: int
+) -> None:
+    action_id = sim.add_action()
+    sim.inject(Fault("status", count=1, status=status))
+    first = http_cancel(action_id, headers={"Idempotency-Key": f"k-{status}"})
+
+    retry = http_cancel(action_id, headers={"Idempotency-Key": f"k-{status}"})
+
+    assert first.status_code == retry.status_code == status
+    assert retry.headers["Idempotent-Replayed"] == "true" and body_of(retry) == body_of(first)
+    assert len(sim.calls()) == 1
 
 
 @pytest.mark.parametrize("key", ["", "has space", "x" * 256, "é"])
@@ -76,10 +96,78 @@ def test_an_expired_key_may_be_used_again_even_for_another_action(
 ) -> None:
     table = table_client(StorageConnection(azurite.connection_string), DEFAULT_IDEMPOTENCY_TABLE)
     yesterday = IdempotencyStore(table, clock=lambda: 1_000_000.0)
-    assert yesterday.claim("k-expired", "11111111-1111-1111-1111-111111111111") is None
-    yesterday.complete("k-expired", "11111111-1111-1111-1111-111111111111", 200, {"id": "old"})
+    held = yesterday.claim(http_key("function-key", "k-expired"), "11111111-1111-1111-1111-111111111111")
+    assert isinstance(held, Claim)
+    yesterday.complete(held, 200, {"id": "old"})
 
     response = http_cancel(sim.add_action(), headers={"Idempotency-Key": "k-expired"})
 
     assert response.status_code == 200 and "Idempotent-Replayed" not in response.headers
     assert len(sim.calls()) == 1
+
+
+@pytest.fixture
+def answers(azurite: Azurite) -> Iterator[Callable[..., IdempotencyStore]]:
+    table = table_client(StorageConnection(azurite.connection_string), DEFAULT_IDEMPOTENCY_TABLE)
+    yield lambda **kw: IdempotencyStore(table, **kw)
+
+
+def test_an_overtaken_holder_can_neither_overwrite_nor_delete_the_record(
+    answers: Callable[..., IdempotencyStore],
+) -> None:
+    now = [1000.0]
+    store = answers(lease_seconds=60, clock=lambda: now[0])
+    first = store.claim("k-takeover", GUID)
+    assert isinstance(first, Claim)
+    now[0] += 61  # the first holder looks dead: the key settles as "outcome unknown", never re-sent
+    settled = store.claim("k-takeover", GUID)
+
+    assert isinstance(settled, StoredAnswer) and settled.body["error"]["code"] == "OutcomeUnknown"
+    store.complete(first, 200, {"late": True})
+    store.release(first)
+    replay = store.claim("k-takeover", GUID)
+    assert isinstance(replay, StoredAnswer) and replay == settled
+
+
+def test_storing_an_answer_is_retried(answers: Callable[..., IdempotencyStore], azurite: Azurite) -> None:
+    table = table_client(StorageConnection(azurite.connection_string), DEFAULT_IDEMPOTENCY_TABLE)
+
+    class Flaky:
+        failures = 2
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(table, name)
+
+        def update_entity(self, *args: Any, **kwargs: Any) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise ServiceRequestError("storage hiccup")
+            return table.update_entity(*args, **kwargs)
+
+    store = IdempotencyStore(cast(Any, Flaky()), sleep=lambda _: None)
+    held = store.claim("k-flaky", GUID)
+    assert isinstance(held, Claim)
+
+    store.complete(held, 200, {"id": GUID})
+
+    assert store.claim("k-flaky", GUID) == StoredAnswer(200, {"id": GUID})
+
+
+def test_a_large_answer_is_kept_whole_and_one_too_large_is_never_replayed_as_success(
+    answers: Callable[..., IdempotencyStore],
+) -> None:
+    store = answers()
+    large = {"value": [{"id": str(i), "comment": "x" * 200} for i in range(2000)]}  # ~450 KB of JSON
+    held = store.claim("k-large", GUID)
+    assert isinstance(held, Claim)
+    store.complete(held, 200, large)
+    assert store.claim("k-large", GUID) == StoredAnswer(200, large)
+
+    # Defender's answers are capped at 1 MiB, which always fits compressed; past that it cannot.
+    noise = {"pad": base64.b64encode(secrets.token_bytes(1100 * 1024)).decode()}
+    held = store.claim("k-noise", GUID)
+    assert isinstance(held, Claim)
+    store.complete(held, 200, noise)
+    replay = store.claim("k-noise", GUID)
+    assert isinstance(replay, StoredAnswer)
+    assert replay.status == 502 and replay.body["error"]["code"] == "AnswerNotStored"

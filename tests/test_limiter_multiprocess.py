@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,29 +15,13 @@ from localdev.defender import DefenderSimulator
 from localdev.identity import IdentityEndpoint
 from localdev.windows import max_allowed, violations
 from tests.conftest import TOKEN_SECRET
+from tests.instances import run_instances
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOWS = ((10, 2.0), (30, 8.0))
 PROCESSES = 6
 STARTUP = 4.0  # interpreters start and warm up before the common start
 SECONDS = 15.0  # ends between bursts of the greedy schedule (at 12 s and 16 s), not inside one
-
-
-def run_instances(
-    env: dict[str, str], count: int, start: float, until: float, strategy: str = "shared"
-) -> list[dict[str, Any]]:
-    command = [sys.executable, "-m", "bench.hammer", "--start-at", str(start), "--until", str(until),
-               "--strategy", strategy]  # fmt: skip
-    procs = [
-        subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(count)
-    ]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=until - time.time() + 60)
-        assert proc.returncode == 0, err[-2000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
 
 
 @pytest.mark.slow
@@ -70,4 +50,5 @@ def test_six_instances_never_exceed_a_window_and_use_the_quota(azurite: Azurite,
     # Demand exceeds the quota from `start` to `start + SECONDS`; judged over that span.
     in_span = [a for a in arrivals if a <= start + SECONDS]
     assert len(in_span) >= 0.95 * max_allowed(SECONDS, WINDOWS)
-    assert all(r["statuses"] for r in results)  # every instance got its share of calls
+    # Every instance got calls through: the quota is shared, not taken by whoever came first.
+    assert all(r["statuses"].get("404", 0) >= 3 for r in results), [r["statuses"] for r in results]

@@ -14,6 +14,7 @@ from localdev.azurite import Azurite
 from localdev.defender import DefenderSimulator, Fault
 from localdev.queuehost import QueueFunction, open_queue
 from shared import queue_api
+from shared.defender import RetryPolicy
 from tests.conftest import GUID
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +119,7 @@ def test_a_rate_limited_message_reappears_after_its_delay_and_succeeds(
 ) -> None:
     monkeypatch.setenv("RATE_LIMITS", "1/2")
     monkeypatch.setenv("RATE_LIMIT_SAFETY_MS", "50")
-    monkeypatch.setattr(queue_api, "INLINE_WAIT_SECONDS", 0.0)  # defer rather than sleep in place
+    monkeypatch.setattr(queue_api, "QUEUE_INLINE_WAIT_SECONDS", 0.0)  # defer rather than sleep in place
     first, second = sim.add_action(), sim.add_action()
     queues.put({"machineActionId": first, "comment": "one", "correlationId": "c-1"})
     queues.put({"machineActionId": second, "comment": "two", "correlationId": "c-2"})
@@ -136,18 +137,32 @@ def test_a_rate_limited_message_reappears_after_its_delay_and_succeeds(
 def test_a_message_that_keeps_failing_gets_a_failed_result_and_lands_in_poison(
     host: QueueFunction, queues: Queues, sim: DefenderSimulator
 ) -> None:
-    sim.inject(Fault("status", count=0, status=500))
+    sim.inject(Fault("status", count=0, status=503))  # Defender refuses every time, without acting
     action_id = sim.add_action()
     queues.put({"machineActionId": action_id, "comment": "flaky", "correlationId": "c-poison"})
 
     [result] = run_until_results(host, queues, 1)
     assert host.drain(lambda: queues.count(QUEUES[2]) == 1, 10)
 
-    assert (result["outcome"], result["status"], result["attempts"]) == ("failed", 500, host.max_dequeue_count)
-    assert len(sim.calls()) == host.max_dequeue_count
+    assert (result["outcome"], result["status"], result["attempts"]) == ("failed", 503, host.max_dequeue_count)
+    assert len(sim.calls()) == host.max_dequeue_count * RetryPolicy().max_attempts
     assert host.invocations == host.max_dequeue_count
     [poisoned] = queues.take(QUEUES[2])
     assert json.loads(poisoned)["correlationId"] == "c-poison"
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_an_answer_after_which_defender_may_have_acted_ends_the_message_at_once(
+    host: QueueFunction, queues: Queues, sim: DefenderSimulator, status: int
+) -> None:
+    sim.inject(Fault("status", count=1, status=status))  # e.g. a gateway failing after Defender cancelled
+    queues.put({"machineActionId": sim.add_action(), "comment": "gateway", "correlationId": f"c-{status}"})
+
+    [result] = run_until_results(host, queues, 1)
+
+    assert (result["outcome"], result["status"], result["attempts"]) == ("failed", status, 1)
+    assert len(sim.calls()) == 1 and host.invocations == 1  # not retried: it could only cancel twice
+    assert queues.count(QUEUES[2]) == 0
 
 
 def test_a_duplicate_correlation_id_calls_defender_once_and_replays(
@@ -169,19 +184,58 @@ def test_a_duplicate_correlation_id_calls_defender_once_and_replays(
 def test_a_message_whose_key_is_in_flight_is_deferred_not_failed(
     host: QueueFunction, queues: Queues, sim: DefenderSimulator, azurite: Azurite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from shared.idempotency import IdempotencyStore
+    from shared.idempotency import Claim, IdempotencyStore
     from shared.settings import DEFAULT_IDEMPOTENCY_TABLE, StorageConnection
     from shared.storage import table_client
+    from shared.validation import queue_key
 
     monkeypatch.setattr(queue_api, "IN_FLIGHT_DEFER_SECONDS", 1)
     action_id = sim.add_action()
     store = IdempotencyStore(table_client(StorageConnection(azurite.connection_string), DEFAULT_IDEMPOTENCY_TABLE))
-    assert store.claim("c-busy", action_id) is None  # another instance is calling Defender
+    held = store.claim(queue_key("c-busy", action_id, None) or "", action_id)
+    assert isinstance(held, Claim)  # another instance is calling Defender
     queues.put({"machineActionId": action_id, "comment": "busy", "correlationId": "c-busy"})
     assert host.poll_once() == 1 and queues.take(queue_api.RESULTS_QUEUE) == []
-    store.release("c-busy")  # the other instance gave up without an answer
+    store.release(held)  # the other instance gave up without an answer
 
     [result] = run_until_results(host, queues, 1)
 
     assert (result["status"], result["attempts"]) == (200, 2)
     assert len(sim.calls()) == 1
+
+
+def test_crafted_deep_nesting_is_rejected_not_retried(
+    host: QueueFunction, queues: Queues, sim: DefenderSimulator
+) -> None:
+    queues.put("[" * (30 * 1024))  # thirty thousand deep; a queue message holds 64 KiB after base64
+
+    [result] = run_until_results(host, queues, 1)
+
+    assert result["outcome"] == "rejected" and result["body"]["error"]["code"] == "InvalidRequestBody"
+    assert host.invocations == 1 and sim.calls("") == []
+
+
+def test_a_redelivered_message_without_correlation_id_replays_its_answer(
+    host: QueueFunction, queues: Queues, sim: DefenderSimulator
+) -> None:
+    action_id = sim.add_action()
+    body = json.dumps({"machineActionId": action_id, "comment": "no ticket"}).encode()
+
+    first = queue_api.handle(body, 1, "message-1")
+    again = queue_api.handle(body, 2, "message-1")  # the host crashed before deleting it: delivered again
+
+    assert first is not None and again is not None
+    assert (first["status"], first["correlationId"]) == (200, "message-1")
+    assert (again["status"], again["body"], again.get("replayed")) == (200, first["body"], True)
+    assert len(sim.calls()) == 1
+
+
+def test_a_deferred_copy_keeps_the_key_and_counts_every_delivery() -> None:
+    message = queue_api.parse_message(
+        json.dumps({"machineActionId": GUID, "comment": "c", "attempts": 2}).encode(), "m-7"
+    )
+
+    again = queue_api.parse_message(json.dumps(message.deferred(deliveries=3)).encode(), "m-8")
+
+    assert again.attempts == 5
+    assert again.command().idempotency_key == message.command().idempotency_key

@@ -94,6 +94,10 @@ def test_window_stats_count_reservations_and_name_the_next_free_slot() -> None:
     stats = window_stats(log, windows, [1.0, 5.0], now=1100)
 
     assert [(s.used, s.next_free_ms) for s in stats] == [(2, 1400), (3, 5000)]
+    # Defender's Retry-After hold and a reservation ahead of now both push the next free slot back.
+    held = window_stats(log, windows, [1.0, 5.0], now=1100, blocked_until=9000)
+    ahead = window_stats([0, 400, 1500], [Window(5, 1000)], [1.0], now=1100)
+    assert [s.next_free_ms for s in held] == [9000, 9000] and ahead[0].next_free_ms == 1500
 
 
 def test_max_allowed_matches_the_greedy_schedule() -> None:

@@ -44,9 +44,9 @@ class CountingStore:
         self.reads += 1
         return self.inner.read()
 
-    def write(self, log: Any, blocked_until: int, etag: str | None) -> str:
+    def write(self, log: Any, blocked_until: int, etag: str | None, horizon_ms: int = 0, writers: str = "") -> str:
         self.writes += 1
-        return self.inner.write(log, blocked_until, etag)
+        return self.inner.write(log, blocked_until, etag, horizon_ms, writers)
 
 
 StoreFactory = Callable[[], SlidingLogStore]
@@ -157,7 +157,7 @@ class BrokenStore:
     def read(self) -> Snapshot:
         raise StateStoreUnavailable("down", retry_after=5)
 
-    def write(self, log: Any, blocked_until: int, etag: str | None) -> str:
+    def write(self, log: Any, blocked_until: int, etag: str | None, horizon_ms: int = 0, writers: str = "") -> str:
         raise StateStoreUnavailable("down", retry_after=5)
 
 
@@ -167,7 +167,7 @@ def test_an_unreachable_store_fails_closed() -> None:
 
 
 class AlwaysConflicting(MemorySlidingLog):
-    def write(self, log: Any, blocked_until: int, etag: str | None) -> str:
+    def write(self, log: Any, blocked_until: int, etag: str | None, horizon_ms: int = 0, writers: str = "") -> str:
         raise Conflict
 
 
@@ -182,11 +182,11 @@ def test_a_write_that_returns_after_its_slot_gives_the_slot_up() -> None:
     class SlowStore(MemorySlidingLog):
         calls = 0
 
-        def write(self, log: Any, blocked_until: int, etag: str | None) -> str:
+        def write(self, log: Any, blocked_until: int, etag: str | None, horizon_ms: int = 0, writers: str = "") -> str:
             self.calls += 1
             if self.calls == 1:
                 clock.now += 2000  # the first write's reply comes back 2 s late
-            return super().write(log, blocked_until, etag)
+            return super().write(log, blocked_until, etag, horizon_ms, writers)
 
     store = SlowStore()
     lim = limiter(store, clock, "5/60", margin=100)
@@ -214,3 +214,75 @@ def test_calls_with_room_go_at_once_and_a_waiting_call_leaves_exactly_at_its_slo
     lim.acquire(max_wait=20)  # its window is full: it must not leave before the first call ages out
 
     assert clock.now == first + 10_000 == store.read().log[-1]
+
+
+def test_a_store_failing_while_recording_a_429_does_not_raise() -> None:
+    limiter(BrokenStore(), FakeClock()).throttled(30)  # Defender's answer must still reach the caller
+
+
+def test_instances_with_different_windows_on_one_key_keep_each_others_entries() -> None:
+    clock = FakeClock()
+    store = MemorySlidingLog()
+    hourly, busy = limiter(store, clock, "3/60"), limiter(store, clock, "2/1")
+    for _ in range(3):
+        hourly.acquire()
+    for _ in range(4):  # the short-window instance writes (and prunes) after its own horizon
+        busy.acquire(max_wait=2)
+
+    with pytest.raises(QuotaExceeded):
+        hourly.acquire()  # its three calls are still in the log for its 60 s window
+    assert len(store.read().log) == 7
+
+
+def test_a_lost_record_is_rebuilt_from_what_the_instance_knows() -> None:
+    clock = FakeClock()
+    store = MemorySlidingLog()
+    lim = limiter(store, clock, "3/60")
+    for _ in range(3):
+        lim.acquire()
+    store.lose()  # the table was deleted, or the storage account rebuilt empty
+
+    with pytest.raises(QuotaExceeded):
+        lim.acquire()
+    clock.sleep(0.3)
+    with pytest.raises(QuotaExceeded):
+        lim.acquire()  # after a fresh read of the empty record too
+    assert len(store.read().log) in (0, 3)
+
+
+def test_a_slow_store_writes_at_most_two_entries_then_answers_503() -> None:
+    clock = FakeClock()
+
+    class CrawlingStore(MemorySlidingLog):
+        def write(self, log: Any, blocked_until: int, etag: str | None, horizon_ms: int = 0, writers: str = "") -> str:
+            version = super().write(log, blocked_until, etag, horizon_ms, writers)
+            clock.now += 600 + len(log) * 1000  # every reply later than the one before
+            return version
+
+    store = CrawlingStore()
+    lim = limiter(store, clock, "100/60", margin=200)
+
+    with pytest.raises(StateStoreUnavailable):
+        lim.acquire()
+    assert len(store.read().log) == 2  # not a window's worth of given-up slots
+
+
+def test_a_write_whose_reply_was_lost_is_kept_as_the_admission() -> None:
+    clock = FakeClock()
+
+    class LostReply(MemorySlidingLog):
+        first = True
+
+        def write(self, log: Any, blocked_until: int, etag: str | None, horizon_ms: int = 0, writers: str = "") -> str:
+            super().write(log, blocked_until, etag, horizon_ms, writers)
+            if self.first:  # applied, then the SDK's retry of the same request heard 412
+                self.first = False
+                raise Conflict
+            return str(self._version)
+
+    store = LostReply()
+    lim = limiter(store, clock, "5/60")
+
+    lim.acquire()
+
+    assert len(store.read().log) == 1

@@ -73,12 +73,44 @@ def test_overrides_win_and_key_follows_the_identity() -> None:
         ({"HTTP_MAX_WAIT_SECONDS": "soon"}, "HTTP_MAX_WAIT_SECONDS"),
         ({"AUDIT_TABLE": "bad-name"}, "AUDIT_TABLE"),
         ({"DEFENDER_API_BASE_URL": "https://example.com"}, "DEFENDER_API_BASE_URL"),
+        ({"DEFENDER_API_BASE_URL": "https://api.securitycenter.microsoft.com:99999"}, "DEFENDER_API_BASE_URL"),
+        ({"DEFENDER_API_BASE_URL": "http://127.0.0.1:port"}, "DEFENDER_API_BASE_URL"),
+        ({"RATE_LIMIT_SAFETY_MS": "²"}, "RATE_LIMIT_SAFETY_MS"),
+        ({"RATE_LIMITS": "10/6\u0660"}, "RATE_LIMITS"),
+        ({"RATE_LIMIT_KEY": "tenant/app"}, "RATE_LIMIT_KEY"),
+        ({"RATE_LIMIT_KEY": "a#b"}, "RATE_LIMIT_KEY"),
+        ({"RATE_LIMIT_KEY": "a\tb"}, "RATE_LIMIT_KEY"),
+        ({"RATE_LIMIT_KEY": "k" * 513}, "RATE_LIMIT_KEY"),
         ({"ALLOWED_CALLERS": "app-1"}, "ALLOWED_CALLERS"),
     ],
 )
 def test_a_wrong_value_fails_naming_the_setting(env: dict[str, str], names: str) -> None:
     with pytest.raises(SettingsError, match=names):
         settings(**env)
+
+
+@pytest.mark.parametrize(
+    ("env", "first", "second"),
+    [
+        ({"IDEMPOTENCY_LEASE_SECONDS": "30", "DEFENDER_TIMEOUT_SECONDS": "30"}, "IDEMPOTENCY_LEASE_SECONDS",
+         "DEFENDER_TIMEOUT_SECONDS"),
+        ({"IDEMPOTENCY_LEASE_SECONDS": "40", "HTTP_MAX_WAIT_SECONDS": "20", "DEFENDER_TIMEOUT_SECONDS": "20"},
+         "IDEMPOTENCY_LEASE_SECONDS", "HTTP_MAX_WAIT_SECONDS"),
+        ({"HTTP_MAX_WAIT_SECONDS": "200", "DEFENDER_TIMEOUT_SECONDS": "31"}, "HTTP_MAX_WAIT_SECONDS",
+         "DEFENDER_TIMEOUT_SECONDS"),
+    ],
+)  # fmt: skip
+def test_settings_that_contradict_each_other_are_refused_naming_both(
+    env: dict[str, str], first: str, second: str
+) -> None:
+    with pytest.raises(SettingsError, match=f"{first}.*{second}"):
+        settings(**env)
+
+
+def test_the_longest_consistent_settings_are_accepted() -> None:
+    s = settings(IDEMPOTENCY_LEASE_SECONDS="36", HTTP_MAX_WAIT_SECONDS="5", DEFENDER_TIMEOUT_SECONDS="30")
+
+    assert (s.idempotency_lease_seconds, s.http_max_wait_seconds, s.timeout_seconds) == (36, 5, 30)
 
 
 def test_missing_storage_connection_names_both_forms() -> None:

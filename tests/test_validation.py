@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from shared.errors import InvalidRequest
@@ -22,6 +24,18 @@ def test_comment_prefers_the_upstream_spelling() -> None:
     assert parse_comment({"Comment": "upper", "comment": "lower"}) == "upper"
 
 
-@pytest.mark.parametrize("given", ["", "a b", "x" * 129, "é", None])
-def test_unsafe_correlation_ids_are_replaced(given: str | None) -> None:
-    assert correlation_id(given) != given
+@pytest.mark.parametrize("given", ["", "a b", "x" * 129, "é", "a\nb"])
+def test_unsafe_correlation_ids_are_replaced(given: str) -> None:
+    replaced = correlation_id(given)
+
+    assert replaced != given and uuid.UUID(replaced).version == 4
+
+
+def test_a_missing_correlation_id_gets_a_fresh_one_each_time() -> None:
+    first, second = correlation_id(None), correlation_id(None)
+
+    assert uuid.UUID(first).version == uuid.UUID(second).version == 4 and first != second
+
+
+def test_a_safe_correlation_id_is_kept() -> None:
+    assert correlation_id("INC-4711:a.b_c") == "INC-4711:a.b_c"
