@@ -272,7 +272,8 @@ class DefenderSimulator:
         if fault.mode == "redirect":  # a front end pointing the caller elsewhere
             return Response(fault.status, raw=b"", headers={"Location": "/api/machineactions/redirected/cancel"})
         if fault.mode == "acted":  # Defender did its work; the gateway in front lost the answer
-            return _error(fault.status, "BadGateway" if fault.status == 502 else "GatewayTimeout", "Gateway failure")
+            code = {500: "InternalServerError", 502: "BadGateway"}.get(fault.status, "GatewayTimeout")
+            return _error(fault.status, code, "The answer was lost after the action was cancelled")
         if fault.mode == "garbage":
             return Response(
                 fault.status, raw=b"<html>upstream proxy error</html>", headers={"Content-Type": "text/html"}

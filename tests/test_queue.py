@@ -155,13 +155,15 @@ def test_a_message_that_keeps_failing_gets_a_failed_result_and_lands_in_poison(
 def test_an_answer_after_which_defender_may_have_acted_ends_the_message_at_once(
     host: QueueFunction, queues: Queues, sim: DefenderSimulator, status: int
 ) -> None:
-    sim.inject(Fault("status", count=1, status=status))  # e.g. a gateway failing after Defender cancelled
-    queues.put({"machineActionId": sim.add_action(), "comment": "gateway", "correlationId": f"c-{status}"})
+    sim.inject(Fault("acted", count=1, status=status))  # Defender cancelled; the gateway lost the answer
+    action_id = sim.add_action()
+    queues.put({"machineActionId": action_id, "comment": "gateway", "correlationId": f"c-{status}"})
 
     [result] = run_until_results(host, queues, 1)
 
     assert (result["outcome"], result["status"], result["attempts"]) == ("failed", status, 1)
     assert len(sim.calls()) == 1 and host.invocations == 1  # not retried: it could only cancel twice
+    assert sim.state.actions[action_id]["status"] == "Cancelled"
     assert queues.count(QUEUES[2]) == 0
 
 

@@ -255,6 +255,7 @@ def test_a_slow_store_writes_at_most_two_entries_then_answers_503() -> None:
 
     class CrawlingStore(MemorySlidingLog):
         def write(self, log: Any, blocked_until: int, etag: str | None, horizon_ms: int = 0, writers: str = "") -> str:
+            assert self.requests < 50, "the limiter keeps writing to a store that only gets slower"
             version = super().write(log, blocked_until, etag, horizon_ms, writers)
             clock.now += 600 + len(log) * 1000  # every reply later than the one before
             return version

@@ -349,3 +349,30 @@ def test_no_fault_schedule_sends_a_cancel_twice_or_loses_one(schedule: dict[str,
     assert max(sends.values(), default=0) <= 1, sends  # at most once per key (one key per action)
     assert not any(a.status == 400 for a in defender.arrivals)  # never "already cancelled"
     assert set(work.answers) == set(range(len(work.commands)))  # every request ended in an answer
+
+
+def test_a_send_never_starts_once_its_claim_could_have_lapsed() -> None:
+    """A holder whose token comes so late that Defender's budget no longer fits in its lease does
+    not send: another instance may already have taken the key over."""
+    world = World()
+    rng = random.Random(3)
+    defender = Defender(world, ((1000, 2000.0),))
+    table = Table(world, rng)
+    instance = build(world, LogStore(world, StoreFaults(), rng), table, defender, rng, 0.0, 0.0, BUDGET_S, LEASE_S)
+    instance.tokens = Tokens(world, (LEASE_S - BUDGET_S + 0.5) * 1000)
+    instance.service._defender._tokens = cast(Any, instance.tokens)
+    late = command(defender, "http|function-key|late")
+    outcomes: list[str] = []
+
+    def caller() -> None:
+        for _ in range(2):  # the caller retries with the same key; the token is cached by then
+            try:
+                outcomes.append(str(instance.service.cancel(late).status))
+            except AppError as exc:
+                outcomes.append(type(exc).__name__)
+
+    world.spawn(caller)
+    world.run(60_000.0)
+
+    assert outcomes == ["StateStoreUnavailable", "200"]
+    assert len(defender.arrivals) == 1
