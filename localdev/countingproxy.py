@@ -28,6 +28,7 @@ class CountingProxy:
         self._local = threading.local()
         self._lock = threading.Lock()
         self.requests: list[tuple[float, str, str]] = []  # (time.time(), method, path)
+        self.applied: list[tuple[float, str]] = []  # (time.time(), path) of each write answered 2xx
         self._server = LoopbackServer(self.handle, port)
 
     @property
@@ -45,12 +46,20 @@ class CountingProxy:
         with self._lock:
             return sum(1 for at, _, path in self.requests if at >= since and path_contains in path)
 
+    def writes_applied_since(self, since: float, path_contains: str = "") -> int:
+        """Writes the store accepted (2xx): for the limiter's table, one log entry each."""
+        with self._lock:
+            return sum(1 for at, path in self.applied if at >= since and path_contains in path)
+
     def handle(self, request: Request) -> Response:
         with self._lock:
             self.requests.append((time.time(), request.method, request.path))
         slow = self.write_delay if request.method in self.WRITES and self._slow_path in request.path else 0.0
         time.sleep(slow / 2)  # a server-side queue: the write is applied late...
         answer = self._forward(request)
+        if request.method in self.WRITES and 200 <= answer.status < 300:
+            with self._lock:
+                self.applied.append((time.time(), request.path))
         time.sleep(slow / 2)  # ...and its reply comes back late
         return answer
 
