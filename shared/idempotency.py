@@ -18,7 +18,6 @@ import logging
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from azure.core import MatchConditions
@@ -26,6 +25,7 @@ from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModif
 from azure.data.tables import UpdateMode
 
 from shared.errors import InvalidRequest, RequestInProgress, StateStoreUnavailable, error_body
+from shared.service import Claim, StoredAnswer
 from shared.storage import recreating_table
 
 if TYPE_CHECKING:
@@ -41,21 +41,6 @@ COMPLETE_TRIES = 3
 COMPLETE_BACKOFF = 0.2
 UNKNOWN_STATUS = 502
 UNKNOWN_CODE = "OutcomeUnknown"
-
-
-@dataclass(frozen=True)
-class StoredAnswer:
-    status: int
-    body: Any
-
-
-@dataclass(frozen=True)
-class Claim:
-    """The right to call Defender for `key`, as long as the record is still at `etag`."""
-
-    key: str
-    action_id: str
-    etag: str
 
 
 def _unavailable(exc: AzureError) -> StateStoreUnavailable:

@@ -6,17 +6,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from shared import defender
 from shared.audit import AuditLog, AuditRecord
 from shared.defender import DefenderClient
 from shared.errors import AppError, OutcomeUnknown, StateStoreUnavailable, error_body
-from shared.idempotency import StoredAnswer
 from shared.validation import CancelCommand
-
-if TYPE_CHECKING:
-    from shared.idempotency import Claim
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +24,26 @@ class QuotaGate(defender.QuotaGate, Protocol):
         """Defender answered 429 anyway: hold every instance off for `retry_after` seconds."""
 
 
+@dataclass(frozen=True)
+class StoredAnswer:
+    """An answer kept for an idempotency key: replay it."""
+
+    status: int
+    body: Any
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The right to call Defender for `key`, as long as the record is still at `etag`."""
+
+    key: str
+    action_id: str
+    etag: str
+
+
 class AnswerStore(Protocol):
-    """Idempotency records, as the service sees them (see shared.idempotency)."""
+    """Idempotency records, as the service sees them (Table Storage: shared.idempotency, imported
+    only when the app is built, so a cold start does not load azure-data-tables)."""
 
     lease_seconds: float
 

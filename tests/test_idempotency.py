@@ -12,7 +12,8 @@ from azure.core.exceptions import ServiceRequestError
 
 from localdev.azurite import Azurite
 from localdev.defender import DefenderSimulator, Fault
-from shared.idempotency import Claim, IdempotencyStore, StoredAnswer
+from shared.idempotency import IdempotencyStore
+from shared.service import Claim, StoredAnswer
 from shared.settings import DEFAULT_IDEMPOTENCY_TABLE, StorageConnection
 from shared.storage import table_client
 from shared.validation import http_key

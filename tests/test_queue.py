@@ -186,7 +186,8 @@ def test_a_duplicate_correlation_id_calls_defender_once_and_replays(
 def test_a_message_whose_key_is_in_flight_is_deferred_not_failed(
     host: QueueFunction, queues: Queues, sim: DefenderSimulator, azurite: Azurite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from shared.idempotency import Claim, IdempotencyStore
+    from shared.idempotency import IdempotencyStore
+    from shared.service import Claim
     from shared.settings import DEFAULT_IDEMPOTENCY_TABLE, StorageConnection
     from shared.storage import table_client
     from shared.validation import queue_key
