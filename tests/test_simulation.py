@@ -48,7 +48,7 @@ from tests.virtual import (
 WINDOWS = ((10, 2000.0), (30, 8000.0))  # (limit, ms): time-compressed like the real-process tests
 MARGIN_MS = 200  # slip 50 ms; skew (<= 40) + network (<= 30 each way... counted once) stay within 150
 RUN_MS = 20_000.0
-SCHEDULES = 600  # per property; each is a 20 s run of 2 to 4 instances
+SCHEDULES = 1000  # per property (a third of it for lost records); each a 20 s run of 1 to 4 instances
 
 
 @dataclass
