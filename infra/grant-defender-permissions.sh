@@ -47,6 +47,8 @@ for id in "$resource_sp_id" "$app_role_id"; do
   [ -z "$id" ] || [[ "$id" =~ $GUID_RE ]] || die "--resource-sp-id and --app-role-id must be GUIDs"
 done
 
+# Every az rest call names its token resource: az derives it only from the signed-in cloud's own
+# Graph endpoint, and sends no token at all for dod-graph.microsoft.us.
 lookup_url="$graph/v1.0/servicePrincipals?\$filter=appId%20eq%20'$DEFENDER_APP_ID'&\$select=id,appRoles"
 
 if [ "$dry_run" = 1 ]; then
@@ -66,7 +68,7 @@ command -v az >/dev/null || die "the az CLI is not installed (https://aka.ms/azc
 az account show >/dev/null 2>&1 || die "az is not signed in: run 'az login' (for GCC High / DoD: az cloud set --name AzureUSGovernment first)"
 
 if [ -z "$resource_sp_id" ] || [ -z "$app_role_id" ]; then
-  found=$(az rest --method GET --url "$lookup_url" --query "value[0].[id, appRoles[?value=='$role'].id | [0]]" -o tsv) \
+  found=$(az rest --method GET --url "$lookup_url" --resource "$graph" --query "value[0].[id, appRoles[?value=='$role'].id | [0]]" -o tsv) \
     || die "could not read the WindowsDefenderATP service principal (needs Application.Read.All)"
   resource_sp_id=$(cut -f1 <<<"$found")
   app_role_id=$(cut -f2 <<<"$found")
@@ -74,7 +76,7 @@ if [ -z "$resource_sp_id" ] || [ -z "$app_role_id" ]; then
   [ -n "$app_role_id" ] && [ "$app_role_id" != "None" ] || die "WindowsDefenderATP has no app role $role"
 fi
 
-existing=$(az rest --method GET --url "$graph/v1.0/servicePrincipals/$principal_id/appRoleAssignments" \
+existing=$(az rest --method GET --url "$graph/v1.0/servicePrincipals/$principal_id/appRoleAssignments" --resource "$graph" \
   --query "value[?resourceId=='$resource_sp_id' && appRoleId=='$app_role_id'] | length(@)" -o tsv) \
   || die "could not read the identity's app role assignments: is $principal_id a service principal in this tenant?"
 if [ "$existing" != "0" ]; then
@@ -83,7 +85,7 @@ if [ "$existing" != "0" ]; then
 fi
 
 body="{\"principalId\": \"$principal_id\", \"resourceId\": \"$resource_sp_id\", \"appRoleId\": \"$app_role_id\"}"
-az rest --method POST --url "$graph/v1.0/servicePrincipals/$resource_sp_id/appRoleAssignedTo" \
+az rest --method POST --url "$graph/v1.0/servicePrincipals/$resource_sp_id/appRoleAssignedTo" --resource "$graph" \
   --headers "Content-Type=application/json" --body "$body" >/dev/null \
   || die "the assignment failed (needs AppRoleAssignment.ReadWrite.All)"
 echo "granted: $role to $principal_id (a new token carries it within minutes; restart the app to drop its cached token)"

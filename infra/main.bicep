@@ -53,8 +53,11 @@ param allowedCallers string = ''
 @description('Entra app registration (client id) that fronts the app with App Service Authentication. Empty = function keys only.')
 param authClientId string = ''
 
-@description('Maximum instances of the Flex Consumption plan.')
-@minValue(1)
+// Flex Consumption's documented range for the maximum instance count has been 40 to 1000
+// (learn.microsoft.com, event-driven-scaling "Limit scale-out"); a newer revision says 1 to 1000.
+// 40 is valid under both, so values below it are refused here rather than late by the platform.
+@description('Maximum instances of the Flex Consumption plan (40 to 1000).')
+@minValue(40)
 @maxValue(1000)
 param maximumInstanceCount int = 40
 
@@ -62,7 +65,8 @@ var abbrs = loadJsonContent('./abbreviations.json')
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = { 'azd-env-name': environmentName }
 var functionName = !empty(functionAppName) ? functionAppName : '${abbrs.webSitesFunctions}${resourceToken}'
-var deploymentContainer = 'app-package-${take(functionName, 32)}-${take(resourceToken, 7)}'
+// Blob container names must be lower case; a functionAppName given in capitals must not break them.
+var deploymentContainer = toLower('app-package-${take(functionName, 32)}-${take(resourceToken, 7)}')
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
   name: !empty(resourceGroupName) ? resourceGroupName : '${abbrs.resourcesResourceGroups}${environmentName}'
@@ -118,7 +122,8 @@ module api 'app/api.bicep' = {
   params: {
     name: functionName
     location: location
-    tags: union(tags, { 'azd-service-name': 'api' })
+    tags: tags
+    serviceName: 'api' // azd deploys to the one resource tagged azd-service-name: api (the site only)
     planName: '${abbrs.webServerFarms}${resourceToken}'
     identityId: identity.outputs.id
     identityClientId: identity.outputs.clientId

@@ -17,12 +17,22 @@ from urllib.parse import urlsplit
 
 from shared.errors import SettingsError
 
-CLOUDS: Mapping[str, str] = {
+# Per cloud: the API root, and the resource its tokens are for (CONTRACT.md). Public calls go to
+# api.security.microsoft.com, the host Microsoft documents now; its tokens are still for
+# api.securitycenter.microsoft.com (a token for another audience gets 403).
+API_ROOTS: Mapping[str, str] = {
+    "Public": "https://api.security.microsoft.com",
+    "GCC": "https://api-gcc.securitycenter.microsoft.us",
+    "GCCHigh": "https://api-gov.securitycenter.microsoft.us",
+    "DoD": "https://api-gov.securitycenter.microsoft.us",
+}
+TOKEN_RESOURCES: Mapping[str, str] = {
     "Public": "https://api.securitycenter.microsoft.com",
     "GCC": "https://api-gcc.securitycenter.microsoft.us",
     "GCCHigh": "https://api-gov.securitycenter.microsoft.us",
     "DoD": "https://api-gov.securitycenter.microsoft.us",
 }
+CLOUDS = tuple(API_ROOTS)
 
 # Hosts that serve the Defender for Endpoint API (REFERENCE.md); anything else is refused so a
 # mistyped or hostile setting cannot send our bearer token elsewhere.
@@ -39,6 +49,8 @@ KNOWN_DEFENDER_HOSTS = frozenset(
         "uk.api.security.microsoft.com",
         "au.api.security.microsoft.com",
         "swa.api.security.microsoft.com",
+        "ina.api.security.microsoft.com",
+        "aea.api.security.microsoft.com",
         "api-gcc.securitycenter.microsoft.us",
         "api-gov.securitycenter.microsoft.us",
     }
@@ -123,8 +135,8 @@ class Settings:
         state_storage = _get(env, "STATE_STORAGE", "AzureWebJobsStorage")
         return cls(
             cloud=cloud,
-            api_base_url=parse_api_base_url(_get(env, "DEFENDER_API_BASE_URL", CLOUDS[cloud])),
-            token_scope=_get(env, "DEFENDER_TOKEN_SCOPE", CLOUDS[cloud] + "/.default"),
+            api_base_url=parse_api_base_url(_get(env, "DEFENDER_API_BASE_URL", API_ROOTS[cloud])),
+            token_scope=_get(env, "DEFENDER_TOKEN_SCOPE", TOKEN_RESOURCES[cloud] + "/.default"),
             client_id=client_id,
             state_storage=state_storage,
             storage=parse_storage_connection(env, state_storage),
@@ -234,7 +246,7 @@ def parse_api_base_url(raw: str) -> str:
         return raw.rstrip("/")
     raise SettingsError(
         "DEFENDER_API_BASE_URL must be https://<a Defender API host> (e.g. "
-        "https://api.securitycenter.microsoft.com) or a loopback address such as "
+        "https://api.security.microsoft.com) or a loopback address such as "
         f"http://127.0.0.1:PORT, with no path; got {raw!r}"
     )
 

@@ -198,3 +198,60 @@ def test_azd_project_points_at_the_function_app() -> None:
     azure_yaml = (ROOT / "azure.yaml").read_text()
 
     assert "host: function" in azure_yaml and "language: python" in azure_yaml
+
+
+def resource_blocks(bicep: str) -> dict[str, str]:
+    """Each top-level `resource <name> '<type>'` block's text, by symbolic name."""
+    starts = [(m.start(), m.group(1)) for m in re.finditer(r"^resource (\w+) '", bicep, re.M)]
+    ends = [start for start, _ in starts[1:]] + [len(bicep)]
+    return {name: bicep[start:end] for (start, name), end in zip(starts, ends, strict=True)}
+
+
+def test_only_the_site_carries_the_azd_service_tag() -> None:
+    """azd deploy fails when two resources carry azd-service-name: api (the plan used to, too)."""
+    api = (ROOT / "infra/app/api.bicep").read_text()
+    tagged = [name for name, block in resource_blocks(api).items() if "azd-service-name" in block]
+
+    assert tagged == ["site"]
+    assert "azd-service-name" not in MAIN.split("module api", 1)[1].split("serviceName:", 1)[0]
+
+
+def test_flex_limits_and_blob_names_are_enforced_at_the_parameter() -> None:
+    assert re.search(r"@minValue\(40\)\s*@maxValue\(1000\)\s*param maximumInstanceCount int", MAIN)
+    assert re.search(r"var deploymentContainer = toLower\(", MAIN)
+
+
+FAKE_AZ = """#!/usr/bin/env bash
+# Records each call; answers what the grant script asks for.
+echo "$*" >> "$AZ_LOG"
+case "$*" in
+  "account show"*) echo '{}' ;;
+  *"servicePrincipals?"*) printf 'aaaaaaaa-2222-3333-4444-555555555555\\tbbbbbbbb-2222-3333-4444-555555555555\\n' ;;
+  *appRoleAssignments*) echo 0 ;;
+  *) echo '{}' ;;
+esac
+"""
+
+
+@pytest.mark.parametrize(
+    ("cloud", "graph"),
+    [("Public", "https://graph.microsoft.com"), ("GCCHigh", "https://graph.microsoft.us"),
+     ("DoD", "https://dod-graph.microsoft.us")],
+)  # fmt: skip
+def test_grant_script_names_the_graph_token_resource_on_every_call(tmp_path: Path, cloud: str, graph: str) -> None:
+    """az rest derives a token only for the signed-in cloud's own Graph host, and sends none for DoD's
+    dod-graph.microsoft.us: every call must say which resource its token is for."""
+    fake = tmp_path / "az"
+    fake.write_text(FAKE_AZ)
+    fake.chmod(0o755)
+    log = tmp_path / "az.log"
+    subprocess.run(
+        ["bash", str(ROOT / "infra/grant-defender-permissions.sh"), "--principal-id",
+         "11111111-2222-3333-4444-555555555555", "--cloud", cloud],
+        capture_output=True, text=True, check=True,
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin", "AZ_LOG": str(log)},
+    )  # fmt: skip
+
+    calls = [line for line in log.read_text().splitlines() if line.startswith("rest ")]
+    assert len(calls) == 3  # look up the role, read assignments, grant
+    assert all(f"--resource {graph}" in call and f"--url {graph}/v1.0/" in call for call in calls)

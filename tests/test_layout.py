@@ -33,6 +33,15 @@ def test_host_json_follows_the_contract() -> None:
     assert host["extensions"]["queues"]["messageEncoding"] == "base64"
 
 
+def test_host_json_keeps_every_invocation_in_the_monitor_tab() -> None:
+    """Host.Results feeds the `requests` table and the portal's Monitor tab, at Information level
+    only: a stricter level hides successful runs (MicrosoftDocs azure-docs, configure-monitoring.md)."""
+    levels = json.loads((ROOT / "host.json").read_text())["logging"]["logLevel"]
+
+    for category in ("Host.Results", "Host", "default"):
+        assert levels.get(category, "Information") in ("Information", "Debug", "Trace"), category
+
+
 def test_runtime_requirements_are_pinned_and_have_no_dev_tools() -> None:
     lines = [ln for ln in (ROOT / "requirements.txt").read_text().splitlines() if ln and not ln.startswith("#")]
     names = {ln.split("==")[0] for ln in lines}

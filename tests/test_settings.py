@@ -18,8 +18,8 @@ def test_defaults_follow_the_contract() -> None:
     s = settings()
 
     assert s.cloud == "Public"
-    assert s.api_base_url == "https://api.securitycenter.microsoft.com"
-    assert s.token_scope == "https://api.securitycenter.microsoft.com/.default"
+    assert s.api_base_url == "https://api.security.microsoft.com"  # the host Microsoft documents now
+    assert s.token_scope == "https://api.securitycenter.microsoft.com/.default"  # tokens keep the old audience
     assert s.client_id is None
     assert s.rate_limits == (RateWindow(100, 60.0), RateWindow(1500, 3600.0))
     assert s.rate_limit_key == "Public-system"
@@ -30,19 +30,19 @@ def test_defaults_follow_the_contract() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cloud", "root"),
+    ("cloud", "root", "resource"),
     [
-        ("Public", "https://api.securitycenter.microsoft.com"),
-        ("GCC", "https://api-gcc.securitycenter.microsoft.us"),
-        ("GCCHigh", "https://api-gov.securitycenter.microsoft.us"),
-        ("DoD", "https://api-gov.securitycenter.microsoft.us"),
+        ("Public", "https://api.security.microsoft.com", "https://api.securitycenter.microsoft.com"),
+        ("GCC", "https://api-gcc.securitycenter.microsoft.us", "https://api-gcc.securitycenter.microsoft.us"),
+        ("GCCHigh", "https://api-gov.securitycenter.microsoft.us", "https://api-gov.securitycenter.microsoft.us"),
+        ("DoD", "https://api-gov.securitycenter.microsoft.us", "https://api-gov.securitycenter.microsoft.us"),
     ],
 )
-def test_cloud_picks_api_root_and_token_scope(cloud: str, root: str) -> None:
+def test_cloud_picks_api_root_and_token_scope(cloud: str, root: str, resource: str) -> None:
     s = settings(DEFENDER_CLOUD=cloud)
 
     assert s.api_base_url == root
-    assert s.token_scope == root + "/.default"
+    assert s.token_scope == resource + "/.default"
 
 
 def test_overrides_win_and_key_follows_the_identity() -> None:
@@ -146,6 +146,8 @@ def test_allowed_callers_need_platform_authentication() -> None:
         "https://api.securitycenter.microsoft.com",
         "https://api.security.microsoft.com/",
         "https://uk.api.security.microsoft.com",
+        "https://ina.api.security.microsoft.com",
+        "https://aea.api.security.microsoft.com",
         "https://api-gov.securitycenter.microsoft.us",
         "http://127.0.0.1:7080",
         "http://localhost:1234",

@@ -3,6 +3,8 @@
 param name string
 param location string
 param tags object = {}
+@description('azd service name from azure.yaml: tagged on the site only, never on the plan (azd deploy needs exactly one resource with it).')
+param serviceName string = 'api'
 param planName string
 param identityId string
 param identityClientId string
@@ -31,7 +33,7 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
 resource site 'Microsoft.Web/sites@2024-04-01' = {
   name: name
   location: location
-  tags: tags
+  tags: union(tags, { 'azd-service-name': serviceName })
   kind: 'functionapp,linux'
   identity: {
     type: 'UserAssigned'
