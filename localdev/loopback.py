@@ -82,9 +82,11 @@ def _handler_class(handle: Handler) -> type[BaseHTTPRequestHandler]:
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(response.raw)))
             self.end_headers()
-            self.wfile.write(response.raw)
+            if self.command != "HEAD":  # a HEAD answer carries the headers of a GET, no body
+                self.wfile.write(response.raw)
 
-        do_GET = do_POST = do_PUT = do_DELETE = _serve
+        # Every method reaches the handler, which answers (404, 405, ...) as the real server would.
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = do_QUERY = _serve
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
             pass  # quiet: the servers keep their own records

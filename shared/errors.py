@@ -42,6 +42,16 @@ class InvalidRequest(AppError):
         self.code = code
 
 
+class KeyReused(InvalidRequest):
+    """An idempotency key already used for another action: 422, as the IETF Idempotency-Key draft
+    says for a key reused with a different request (draft-ietf-httpapi-idempotency-key-header)."""
+
+    status = 422
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="IdempotencyKeyReused")
+
+
 class TokenUnavailable(AppError):
     status = 502
     code = "TokenUnavailable"

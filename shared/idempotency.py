@@ -24,7 +24,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
-from shared.errors import InvalidRequest, RequestInProgress, StateStoreUnavailable, error_body
+from shared.errors import KeyReused, RequestInProgress, StateStoreUnavailable, error_body
 from shared.service import Claim, StoredAnswer
 from shared.storage import recreating_table
 
@@ -107,7 +107,7 @@ class IdempotencyStore:
         answered = entity.get("State") == "done" and now - float(entity.get("CompletedAt", 0)) < TTL_SECONDS
         in_flight = entity.get("State") == "in_flight"
         if (answered or in_flight) and entity.get("ActionId") != action_id:
-            raise InvalidRequest("This idempotency key was already used for another machine action")
+            raise KeyReused("This idempotency key was already used for another machine action")
         if answered:
             return StoredAnswer(int(entity["Status"]), unpack_body(entity))
         if in_flight and now - float(entity.get("ClaimedAt", 0)) < self.lease_seconds:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from openapi_spec_validator import validate
 from pycep import BicepParser
 
 from shared.settings import Settings
+from shared.validation import parse_action_id, parse_idempotency_key
 
 ROOT = Path(__file__).resolve().parent.parent
 BICEP = sorted((ROOT / "infra").rglob("*.bicep"))
@@ -134,8 +138,33 @@ def test_openapi_is_valid_swagger_2_and_matches_the_http_routes() -> None:
     assert spec["swagger"] == "2.0" and spec["basePath"] == "/api"
     assert documented == routes
     for ops in spec["paths"].values():
-        for op in ops.values():
-            assert all("schema" in r for r in op["responses"].values())
+        for op in ops.values():  # every answer has its shape, but the host's empty 401
+            assert all("schema" in r for code, r in op["responses"].items() if code != "401")
+            assert "schema" not in op["responses"]["401"]
+    # One key scheme (the connector wizard takes one): the header.
+    assert spec["securityDefinitions"] == {
+        "functionKeyHeader": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "x-functions-key",
+            "description": "A function key of the app",
+        }
+    }
+    assert spec["security"] == [{"functionKeyHeader": []}]  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_every_idempotency_key_the_openapi_allows_the_app_accepts(data: st.DataObject) -> None:
+    spec = json.loads((ROOT / "openapi.json").read_text())
+    cancel = spec["paths"]["/machineactions/{actionId}/cancel"]["post"]
+    declared = next(p for p in cancel["parameters"] if p["name"] == "Idempotency-Key")
+    key = data.draw(st.from_regex(declared["pattern"], fullmatch=True))
+    assume(declared["minLength"] <= len(key) <= declared["maxLength"])
+
+    assert parse_idempotency_key(key) == key
+    action = data.draw(st.from_regex(next(p for p in cancel["parameters"] if p["name"] == "actionId")["pattern"]))
+    assert parse_action_id(action.strip())
 
 
 def test_sentinel_playbook_is_a_valid_arm_template() -> None:
@@ -257,3 +286,24 @@ def test_grant_script_names_the_graph_token_resource_on_every_call(tmp_path: Pat
     calls = [line for line in log.read_text().splitlines() if line.startswith("rest ")]
     assert len(calls) == 3  # look up the role, read assignments, grant
     assert all(f"--resource {graph}" in call and f"--url {graph}/v1.0/" in call for call in calls)
+
+
+def test_the_connector_document_names_the_deployed_host(tmp_path: Path) -> None:
+    out = tmp_path / "openapi.deployed.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "infra/connector_openapi.py"), "--out", str(out)],
+        env={"PATH": "/usr/bin:/bin", "FUNCTION_APP_URL": "https://func-abc123.azurewebsites.net"},
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    spec = json.loads(out.read_text())
+
+    assert spec["host"] == "func-abc123.azurewebsites.net" and spec["schemes"] == ["https"]
+    validate(spec)
+    assert "func-abc123.azurewebsites.net" in run.stdout
+    refused = subprocess.run([sys.executable, str(ROOT / "infra/connector_openapi.py"), "http://x/api", "--out",
+                              str(out)], capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and "https URL" in refused.stderr
+    assert (
+        "postprovision" in (ROOT / "azure.yaml").read_text()
+        and "connector_openapi.py" in (ROOT / "azure.yaml").read_text()
+    )

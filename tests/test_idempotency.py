@@ -54,7 +54,7 @@ def test_a_key_reused_for_another_action_is_refused(app_env: dict[str, str], sim
 
     response = http_cancel(sim.add_action(), headers={"Idempotency-Key": "k-reuse"})
 
-    assert response.status_code == 400
+    assert response.status_code == 422 and body_of(response)["error"]["code"] == "IdempotencyKeyReused"
     assert len(sim.calls()) == 1
 
 
