@@ -144,6 +144,7 @@ module api 'app/api.bicep' = {
       RATE_LIMIT_SAFETY_MS: string(rateLimitSafetyMs)
       HTTP_MAX_WAIT_SECONDS: string(httpMaxWaitSeconds)
       ALLOWED_CALLERS: allowedCallers
+      AUTH_CLIENT_ID: authClientId // set exactly when api.bicep turns App Service Authentication on
       AUDIT_TABLE: 'CancelAudit'
       RATE_LIMIT_TABLE: 'CancelRateLimit'
       IDEMPOTENCY_TABLE: 'CancelIdempotency'

@@ -293,9 +293,18 @@ def parse_storage_connection(env: Mapping[str, str], name: str, service: str = "
 def parse_allowed_callers(env: Mapping[str, str]) -> frozenset[str]:
     callers = frozenset(c.strip().lower() for c in env.get("ALLOWED_CALLERS", "").split(",") if c.strip())
     # The caller header can be trusted only when the platform's authentication strips forged ones.
-    if callers and env.get("WEBSITE_AUTH_ENABLED", "").strip().lower() != "true":
+    if callers and not platform_authentication(env):
         raise SettingsError(
-            "ALLOWED_CALLERS is set but App Service Authentication is off (WEBSITE_AUTH_ENABLED is not "
-            "True): caller identity cannot be trusted; turn authentication on or unset ALLOWED_CALLERS"
+            "ALLOWED_CALLERS is set but App Service Authentication is off (neither WEBSITE_AUTH_ENABLED=True "
+            "nor AUTH_CLIENT_ID is set): caller identity cannot be trusted; turn authentication on or unset "
+            "ALLOWED_CALLERS"
         )
     return callers
+
+
+def platform_authentication(env: Mapping[str, str]) -> bool:
+    """Whether App Service Authentication fronts the app: the platform says so (WEBSITE_AUTH_ENABLED,
+    set on App Service plans), or the deployment does: infra/ sets AUTH_CLIENT_ID exactly when it
+    configures authsettingsV2, for hosts that do not set WEBSITE_AUTH_ENABLED."""
+    website = env.get("WEBSITE_AUTH_ENABLED", "").strip().lower() == "true"
+    return website or bool(env.get("AUTH_CLIENT_ID", "").strip())

@@ -134,10 +134,17 @@ def test_connection_string_never_appears_in_repr() -> None:
     assert "c2VjcmV0" not in repr(s)
 
 
-def test_allowed_callers_need_platform_authentication() -> None:
-    s = settings(ALLOWED_CALLERS="App-1, obj-2", WEBSITE_AUTH_ENABLED="True")
+@pytest.mark.parametrize(
+    "platform", [{"WEBSITE_AUTH_ENABLED": "True"}, {"AUTH_CLIENT_ID": "3c1d2e4f-0000-4000-8000-0a1b2c"}]
+)
+def test_allowed_callers_need_platform_authentication(platform: dict[str, str]) -> None:
+    """The platform's own flag, or the deployment's AUTH_CLIENT_ID (a host that fronts the app with
+    authentication but sets no WEBSITE_AUTH_ENABLED must still start)."""
+    s = settings(ALLOWED_CALLERS="App-1, obj-2", **platform)
 
     assert s.allowed_callers == frozenset({"app-1", "obj-2"})
+    with pytest.raises(SettingsError, match="ALLOWED_CALLERS"):
+        settings(ALLOWED_CALLERS="App-1", WEBSITE_AUTH_ENABLED="False")
 
 
 @pytest.mark.parametrize(
