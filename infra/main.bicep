@@ -9,8 +9,51 @@ targetScope = 'subscription'
 @description('Name of the azd environment; names and tags derive from it.')
 param environmentName string
 
+// Regions that offer the Flex Consumption plan, as the Azure-Samples Flex quickstart for azd
+// (functions-quickstart-python-http-azd, infra/main.bicep) lists them; a region without Flex would
+// fail late, at the plan. azd offers only these when it asks for a location. (Azure Government has
+// no Flex Consumption; see the README's cloud table.)
 @minLength(1)
-@description('Azure region for every resource.')
+@description('Azure region for every resource (one that offers the Flex Consumption plan).')
+@allowed([
+  'australiaeast'
+  'australiasoutheast'
+  'brazilsouth'
+  'canadacentral'
+  'centralindia'
+  'centralus'
+  'eastasia'
+  'eastus'
+  'eastus2'
+  'eastus2euap'
+  'francecentral'
+  'germanywestcentral'
+  'italynorth'
+  'japaneast'
+  'koreacentral'
+  'northcentralus'
+  'northeurope'
+  'norwayeast'
+  'southafricanorth'
+  'southcentralus'
+  'southeastasia'
+  'southindia'
+  'spaincentral'
+  'swedencentral'
+  'uaenorth'
+  'uksouth'
+  'ukwest'
+  'westcentralus'
+  'westeurope'
+  'westus'
+  'westus2'
+  'westus3'
+])
+@metadata({
+  azd: {
+    type: 'location'
+  }
+})
 param location string
 
 @description('Resource group name; empty = rg-<environmentName>.')

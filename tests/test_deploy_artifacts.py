@@ -307,3 +307,13 @@ def test_the_connector_document_names_the_deployed_host(tmp_path: Path) -> None:
         "postprovision" in (ROOT / "azure.yaml").read_text()
         and "connector_openapi.py" in (ROOT / "azure.yaml").read_text()
     )
+
+
+def test_the_location_is_limited_to_flex_regions_and_azd_asks_for_one() -> None:
+    param = re.search(r"((?:@[^\n]*\n|  [^\n]*\n|\]\)\n|\}\)\n)*)param location string", MAIN)
+    assert param is not None
+    decorators = param.group(1)
+    regions = re.findall(r"^  '([a-z0-9]+)'$", decorators, re.M)
+    assert {"eastus", "westeurope", "swedencentral"} <= set(regions) and len(regions) >= 30
+    assert not any(r.startswith("usgov") for r in regions)  # Azure Government has no Flex Consumption
+    assert "type: 'location'" in decorators
