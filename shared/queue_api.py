@@ -94,7 +94,7 @@ def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> di
     except RequestInProgress:
         defer(message, IN_FLIGHT_DEFER_SECONDS, dequeue_count)
         return None
-    except InvalidRequest as exc:  # e.g. a correlation id reused for another action
+    except InvalidRequest as exc:  # e.g. a messageId key reused for another action (422)
         return rejected(body, exc, attempts)
     except OutcomeUnknown as exc:
         return _result(command.correlation_id, command.action_id, None, error_body(exc.code, exc.message),
