@@ -317,3 +317,20 @@ def test_the_location_is_limited_to_flex_regions_and_azd_asks_for_one() -> None:
     assert {"eastus", "westeurope", "swedencentral"} <= set(regions) and len(regions) >= 30
     assert not any(r.startswith("usgov") for r in regions)  # Azure Government has no Flex Consumption
     assert "type: 'location'" in decorators
+
+
+def test_the_connector_document_for_entra_mode_asks_for_a_token_and_sends_the_key(tmp_path: Path) -> None:
+    out = tmp_path / "openapi.entra.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "infra/connector_openapi.py"), "https://func-abc123.azurewebsites.net", "--out",
+         str(out), "--entra", "3c1d2e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f"],
+        env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    spec = json.loads(out.read_text())
+
+    validate(spec)
+    assert spec["security"] == [{"entra": []}] and spec["securityDefinitions"]["entra"]["type"] == "oauth2"
+    for ops in spec["paths"].values():
+        for op in ops.values():
+            key = [p for p in op["parameters"] if p["name"] == "x-functions-key"]
+            assert key and key[0]["in"] == "header" and key[0]["required"] is True
