@@ -266,8 +266,8 @@ esac
 
 @pytest.mark.parametrize(
     ("cloud", "graph"),
-    [("Public", "https://graph.microsoft.com"), ("GCCHigh", "https://graph.microsoft.us"),
-     ("DoD", "https://dod-graph.microsoft.us")],
+    [("Public", "https://graph.microsoft.com"), ("GCC", "https://graph.microsoft.com"),
+     ("GCCHigh", "https://graph.microsoft.us"), ("DoD", "https://dod-graph.microsoft.us")],
 )  # fmt: skip
 def test_grant_script_names_the_graph_token_resource_on_every_call(tmp_path: Path, cloud: str, graph: str) -> None:
     """az rest derives a token only for the signed-in cloud's own Graph host, and sends none for DoD's
