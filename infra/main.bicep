@@ -10,11 +10,11 @@ targetScope = 'subscription'
 param environmentName string
 
 // Regions that offer the Flex Consumption plan, as the Azure-Samples Flex quickstart for azd
-// (functions-quickstart-python-http-azd, infra/main.bicep) lists them; a region without Flex would
-// fail late, at the plan. azd offers only these when it asks for a location. (Azure Government has
-// no Flex Consumption; see the README's cloud table.)
+// (functions-quickstart-python-http-azd, infra/main.bicep) lists them, a region without Flex would
+// fail late, at the plan; and the Azure Government regions, where the app runs on Elastic Premium
+// (planKind). azd offers only these when it asks for a location.
 @minLength(1)
-@description('Azure region for every resource (one that offers the Flex Consumption plan).')
+@description('Azure region for every resource: one that offers Flex Consumption, or an Azure Government region.')
 @allowed([
   'australiaeast'
   'australiasoutheast'
@@ -48,6 +48,11 @@ param environmentName string
   'westus'
   'westus2'
   'westus3'
+  'usgovarizona'
+  'usgovtexas'
+  'usgovvirginia'
+  'usdodcentral'
+  'usdodeast'
 ])
 @metadata({
   azd: {
@@ -99,6 +104,10 @@ param authClientId string = ''
 // Flex Consumption's documented range for the maximum instance count has been 40 to 1000
 // (learn.microsoft.com, event-driven-scaling "Limit scale-out"); a newer revision says 1 to 1000.
 // 40 is valid under both, so values below it are refused here rather than late by the platform.
+@description('Hosting plan: flex (Flex Consumption, identity-only storage) or premium (Elastic Premium EP1, with a key-based content share). Azure Government always runs premium: it has no Flex Consumption.')
+@allowed(['flex', 'premium'])
+param planKind string = 'flex'
+
 @description('Maximum instances of the Flex Consumption plan (40 to 1000).')
 @minValue(40)
 @maxValue(1000)
@@ -107,6 +116,7 @@ param maximumInstanceCount int = 40
 var abbrs = loadJsonContent('./abbreviations.json')
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = { 'azd-env-name': environmentName }
+var usePremium = planKind == 'premium' || environment().name == 'AzureUSGovernment'
 var functionName = !empty(functionAppName) ? functionAppName : '${abbrs.webSitesFunctions}${resourceToken}'
 // Blob container names must be lower case; a functionAppName given in capitals must not break them.
 var deploymentContainer = toLower('app-package-${take(functionName, 32)}-${take(resourceToken, 7)}')
@@ -159,7 +169,37 @@ module rbac 'app/rbac.bicep' = {
   }
 }
 
-module api 'app/api.bicep' = {
+// Every app setting. The host reaches its storage by identity (AzureWebJobsStorage__*) and sends
+// telemetry with Entra authentication; then the contract's settings.
+var hostSettings = {
+  AzureWebJobsStorage__credential: 'managedidentity'
+  AzureWebJobsStorage__clientId: identity.outputs.clientId
+  AzureWebJobsStorage__blobServiceUri: storage.outputs.blobEndpoint
+  AzureWebJobsStorage__queueServiceUri: storage.outputs.queueEndpoint
+  AzureWebJobsStorage__tableServiceUri: storage.outputs.tableEndpoint
+  APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.connectionString
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identity.outputs.clientId};Authorization=AAD'
+}
+var contractSettings = {
+  DEFENDER_CLOUD: defenderCloud
+  DEFENDER_API_BASE_URL: defenderApiBaseUrl
+  DEFENDER_TOKEN_SCOPE: defenderTokenScope
+  DEFENDER_TIMEOUT_SECONDS: string(defenderTimeoutSeconds)
+  AZURE_CLIENT_ID: identity.outputs.clientId
+  STATE_STORAGE: 'AzureWebJobsStorage'
+  RATE_LIMITS: rateLimits
+  RATE_LIMIT_KEY: rateLimitKey
+  RATE_LIMIT_SAFETY_MS: string(rateLimitSafetyMs)
+  HTTP_MAX_WAIT_SECONDS: string(httpMaxWaitSeconds)
+  ALLOWED_CALLERS: allowedCallers
+  AUTH_CLIENT_ID: authClientId // set exactly when auth.bicep turns App Service Authentication on
+  AUDIT_TABLE: 'CancelAudit'
+  RATE_LIMIT_TABLE: 'CancelRateLimit'
+  IDEMPOTENCY_TABLE: 'CancelIdempotency'
+  IDEMPOTENCY_LEASE_SECONDS: '360'
+}
+
+module api 'app/api.bicep' = if (!usePremium) {
   name: 'api'
   scope: rg
   params: {
@@ -169,38 +209,37 @@ module api 'app/api.bicep' = {
     serviceName: 'api' // azd deploys to the one resource tagged azd-service-name: api (the site only)
     planName: '${abbrs.webServerFarms}${resourceToken}'
     identityId: identity.outputs.id
-    identityClientId: identity.outputs.clientId
     storageAccountName: storage.outputs.name
     deploymentContainer: deploymentContainer
-    appInsightsConnectionString: monitoring.outputs.connectionString
     maximumInstanceCount: maximumInstanceCount
     authClientId: authClientId
-    appSettings: {
-      DEFENDER_CLOUD: defenderCloud
-      DEFENDER_API_BASE_URL: defenderApiBaseUrl
-      DEFENDER_TOKEN_SCOPE: defenderTokenScope
-      DEFENDER_TIMEOUT_SECONDS: string(defenderTimeoutSeconds)
-      AZURE_CLIENT_ID: identity.outputs.clientId
-      STATE_STORAGE: 'AzureWebJobsStorage'
-      RATE_LIMITS: rateLimits
-      RATE_LIMIT_KEY: rateLimitKey
-      RATE_LIMIT_SAFETY_MS: string(rateLimitSafetyMs)
-      HTTP_MAX_WAIT_SECONDS: string(httpMaxWaitSeconds)
-      ALLOWED_CALLERS: allowedCallers
-      AUTH_CLIENT_ID: authClientId // set exactly when api.bicep turns App Service Authentication on
-      AUDIT_TABLE: 'CancelAudit'
-      RATE_LIMIT_TABLE: 'CancelRateLimit'
-      IDEMPOTENCY_TABLE: 'CancelIdempotency'
-      IDEMPOTENCY_LEASE_SECONDS: '360'
-    }
+    appSettings: union(hostSettings, contractSettings)
+  }
+  dependsOn: [rbac]
+}
+
+module apiPremium 'app/api-premium.bicep' = if (usePremium) {
+  name: 'api-premium'
+  scope: rg
+  params: {
+    name: functionName
+    location: location
+    tags: tags
+    serviceName: 'api'
+    planName: '${abbrs.webServerFarms}${resourceToken}'
+    contentStorageName: '${abbrs.storageStorageAccounts}c${resourceToken}'
+    identityId: identity.outputs.id
+    authClientId: authClientId
+    appSettings: union(hostSettings, contractSettings)
   }
   dependsOn: [rbac]
 }
 
 output AZURE_LOCATION string = location
 output AZURE_RESOURCE_GROUP string = rg.name
-output AZURE_FUNCTION_APP_NAME string = api.outputs.name
-output SERVICE_API_URI string = api.outputs.uri
-output FUNCTION_APP_URL string = api.outputs.uri
+output AZURE_FUNCTION_APP_NAME string = usePremium ? apiPremium.outputs.name : api.outputs.name
+output SERVICE_API_URI string = usePremium ? apiPremium.outputs.uri : api.outputs.uri
+output FUNCTION_APP_URL string = usePremium ? apiPremium.outputs.uri : api.outputs.uri
+output PLAN_KIND string = usePremium ? 'premium' : 'flex'
 output IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
 output IDENTITY_CLIENT_ID string = identity.outputs.clientId

@@ -42,7 +42,7 @@ DERIVED = {
 
 
 def bicep_app_settings() -> dict[str, str]:
-    block = MAIN.split("appSettings: {", 1)[1].split("\n    }", 1)[0]
+    block = MAIN.split("var contractSettings = {", 1)[1].split("\n}", 1)[0]
     return dict(re.findall(r"^\s+(\w+): (.+?)\s*$", block, re.M))
 
 
@@ -104,6 +104,11 @@ def test_bicep_parses_and_holds_no_secret(path: Path) -> None:
     text = path.read_text()
 
     assert parsed["resources"] or parsed.get("modules")
+    if path.name == "api-premium.bicep":
+        # The one exception, and only for Premium's own content account: Azure Files takes a key.
+        [line] = [line for line in text.splitlines() if "listKeys" in line]
+        assert "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING" in line and "content.listKeys()" in line
+        text = text.replace(line, "")
     for forbidden in ("listKeys", "AccountKey", "DefaultEndpointsProtocol", "SharedAccessKey", "SharedAccessSignature",
                       "connectionString:", "password", "@secure"):  # fmt: skip
         assert forbidden not in text, f"{path.name} has {forbidden}"
@@ -115,7 +120,7 @@ def test_storage_is_identity_only_with_scoped_roles() -> None:
     rbac = (ROOT / "infra/app/rbac.bicep").read_text()
 
     assert "allowSharedKeyAccess: false" in storage
-    assert "AzureWebJobsStorage__credential: 'managedidentity'" in api
+    assert "AzureWebJobsStorage__credential: 'managedidentity'" in MAIN
     assert "tier: 'FlexConsumption'" in api and "name: 'python', version: '3.11'" in api
     for role in ("b7e6dc6d-f1e8-4753-8033-0f276bb0955b", "974c5e8b-45b9-4653-ba55-5f855dd0fb88",
                  "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3"):  # fmt: skip
@@ -315,8 +320,36 @@ def test_the_location_is_limited_to_flex_regions_and_azd_asks_for_one() -> None:
     decorators = param.group(1)
     regions = re.findall(r"^  '([a-z0-9]+)'$", decorators, re.M)
     assert {"eastus", "westeurope", "swedencentral"} <= set(regions) and len(regions) >= 30
-    assert not any(r.startswith("usgov") for r in regions)  # Azure Government has no Flex Consumption
+    assert {"usgovvirginia", "usgovtexas", "usgovarizona", "usdodeast", "usdodcentral"} <= set(regions)
     assert "type: 'location'" in decorators
+
+
+PREMIUM_ONLY = ("FUNCTIONS_WORKER_RUNTIME", "FUNCTIONS_EXTENSION_VERSION", "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING",
+                "WEBSITE_CONTENTSHARE")  # fmt: skip
+
+
+def test_each_plan_kind_has_its_own_settings_and_azure_government_runs_premium() -> None:
+    flex = (ROOT / "infra/app/api.bicep").read_text()
+    premium = (ROOT / "infra/app/api-premium.bicep").read_text()
+
+    # Flex Consumption refuses the worker-runtime, version and content-share settings; Premium needs them.
+    assert not any(name in flex for name in PREMIUM_ONLY)
+    block = premium.split("var premiumSettings = {", 1)[1].split("\n}", 1)[0]
+    settings = dict(re.findall(r"^  (\w+): (.+?)\s*$", block, re.M))
+    assert set(PREMIUM_ONLY) <= set(settings)
+    assert settings["FUNCTIONS_WORKER_RUNTIME"] == "'python'" and settings["FUNCTIONS_EXTENSION_VERSION"] == "'~4'"
+    assert settings["SCM_DO_BUILD_DURING_DEPLOYMENT"] == "'true'"  # the Python packages built on deploy
+    assert "tier: 'ElasticPremium', name: 'EP1'" in premium and "kind: 'elastic'" in premium
+    assert "linuxFxVersion: 'Python|3.11'" in premium and "name: 'python', version: '3.11'" in flex
+    # Each plan's module tags only its site for azd, and both get the same app settings.
+    for text in (flex, premium):
+        assert [n for n, b in resource_blocks(text).items() if "azd-service-name" in b] == ["site"]
+    assert MAIN.count("appSettings: union(hostSettings, contractSettings)") == 2
+    assert "var usePremium = planKind == 'premium' || environment().name == 'AzureUSGovernment'" in MAIN
+    assert "module api 'app/api.bicep' = if (!usePremium)" in MAIN
+    assert "module apiPremium 'app/api-premium.bicep' = if (usePremium)" in MAIN
+    # The app's own storage stays identity-only whatever the plan.
+    assert "allowSharedKeyAccess: false" in (ROOT / "infra/app/storage.bicep").read_text()
 
 
 def test_the_connector_document_for_entra_mode_asks_for_a_token_and_sends_the_key(tmp_path: Path) -> None:

@@ -7,12 +7,10 @@ param tags object = {}
 param serviceName string = 'api'
 param planName string
 param identityId string
-param identityClientId string
 param storageAccountName string
 param deploymentContainer string
-param appInsightsConnectionString string
 param maximumInstanceCount int
-@description('Contract app settings (DEFENDER_*, RATE_LIMIT*, ...), from main.bicep.')
+@description('Every app setting: host storage and telemetry by identity, and the contract settings (main.bicep).')
 param appSettings object
 @description('Entra app registration client id for App Service Authentication; empty = off.')
 param authClientId string = ''
@@ -66,46 +64,17 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
   }
 }
 
-var hostSettings = {
-  // Identity-based AzureWebJobsStorage: the host, the queue trigger and the app's tables.
-  AzureWebJobsStorage__credential: 'managedidentity'
-  AzureWebJobsStorage__clientId: identityClientId
-  AzureWebJobsStorage__blobServiceUri: storage.properties.primaryEndpoints.blob
-  AzureWebJobsStorage__queueServiceUri: storage.properties.primaryEndpoints.queue
-  AzureWebJobsStorage__tableServiceUri: storage.properties.primaryEndpoints.table
-  APPLICATIONINSIGHTS_CONNECTION_STRING: appInsightsConnectionString
-  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
-}
-
 resource settings 'Microsoft.Web/sites/config@2024-04-01' = {
   parent: site
   name: 'appsettings'
-  properties: union(hostSettings, appSettings)
+  properties: appSettings
 }
 
-// Optional App Service Authentication: with it on, the platform validates Entra tokens, strips
-// forged X-MS-CLIENT-PRINCIPAL headers and sets WEBSITE_AUTH_ENABLED, so ALLOWED_CALLERS can be trusted.
-resource auth 'Microsoft.Web/sites/config@2024-04-01' = if (!empty(authClientId)) {
-  parent: site
-  name: 'authsettingsV2'
-  properties: {
-    platform: { enabled: true }
-    globalValidation: {
-      requireAuthentication: true
-      unauthenticatedClientAction: 'Return401'
-    }
-    identityProviders: {
-      azureActiveDirectory: {
-        enabled: true
-        registration: {
-          clientId: authClientId
-          openIdIssuer: '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'
-        }
-        validation: {
-          allowedAudiences: ['api://${authClientId}', authClientId]
-        }
-      }
-    }
+module auth 'auth.bicep' = if (!empty(authClientId)) {
+  name: '${name}-auth'
+  params: {
+    siteName: site.name
+    authClientId: authClientId
   }
 }
 
