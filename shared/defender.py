@@ -39,6 +39,11 @@ USER_AGENT = "cancel-machine-action-function/1.0"
 REQUEST_ID_HEADERS = ("request-id", "x-ms-request-id", "client-request-id")
 
 
+# Defender's answers given without acting: its throttle (held off, not retried: see RateLimiter.throttled)
+# and 503 (retried). Every other answer may come after the cancel took effect.
+REFUSED_BEFORE_ACTING = frozenset({429, 503})
+
+
 class NotSent(Exception):
     """No connection could be made: nothing reached Defender, so the attempt may be retried."""
 
@@ -51,7 +56,7 @@ class RetryPolicy:
     max_attempts: int = 3
     backoff_base: float = 0.25
     backoff_max: float = 4.0
-    refused_statuses: frozenset[int] = frozenset({503})
+    refused_statuses: frozenset[int] = REFUSED_BEFORE_ACTING - {429}
 
     def retries(self, status: int) -> bool:
         return status in self.refused_statuses

@@ -69,7 +69,7 @@ class CancelResult:
 def settles(status: int) -> bool:
     """An answer that settles a key: everything but Defender refusing before it acted (429, 503).
     A 500 or a gateway's 502/504 may come after Defender cancelled: it is kept, never sent again."""
-    return status not in (429, 503)
+    return status not in defender.REFUSED_BEFORE_ACTING
 
 
 class CancelService:
