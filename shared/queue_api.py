@@ -55,12 +55,12 @@ class QueueCancel:
     action_id: str
     comment: str
     correlation_id: str | None  # as given; None when the message had none
-    message_id: str | None  # the first delivery's queue message id (kept by deferred copies)
+    message_id: str  # the first delivery's queue message id (kept by deferred copies)
     attempts: int  # deliveries of earlier copies (deferrals)
 
     @property
     def reported_correlation(self) -> str:
-        return self.correlation_id or self.message_id or correlation_id(None)
+        return self.correlation_id or self.message_id
 
     def command(self) -> CancelCommand:
         key = queue_key(self.correlation_id, self.action_id, self.message_id)
@@ -72,7 +72,7 @@ class QueueCancel:
                                  "attempts": self.attempts + deliveries}  # fmt: skip
         if self.correlation_id:
             again["correlationId"] = self.correlation_id
-        elif self.message_id:
+        else:
             again["messageId"] = self.message_id
         return again
 
@@ -124,7 +124,7 @@ def parse_message(body: bytes, message_id: str | None = None) -> QueueCancel:
         action_id=parse_action_id(payload.get("machineActionId")),
         comment=parse_comment(payload),
         correlation_id=given,
-        message_id=carried or message_id,
+        message_id=carried or message_id or correlation_id(None),  # no id at all (not from the host): one now
         attempts=attempts if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 0 else 0,
     )
 
