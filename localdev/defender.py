@@ -3,10 +3,12 @@
 Behaves like the documented API (REFERENCE.md, mde.swagger.json): machine actions with states;
 cancel of a Pending/InProgress action answers 200 with the updated entity; a final action 400; an
 unknown id 404; a body without `Comment` 400; its own rolling rate windows answer 429 with
-`Retry-After`; a missing token 401, a token with a bad signature, expiry or audience 403. Every call
-is recorded with its arrival time. Faults (5xx, garbage, huge or slow bodies, dropped connections)
-can be injected for the next N calls, including a gateway that fails after Defender acted. Admin
-routes under `/_sim/` need no token.
+`Retry-After`; a missing token 401, a token with a bad signature, expiry or audience 403. Like
+Defender it serves many tenants: the token's `tid` picks the tenant (403 for one not onboarded), an
+action is found only in its own tenant (404 elsewhere), and the rate windows count per app
+(`appid`) and tenant. Every call is recorded with its arrival time, tenant and app. Faults (5xx,
+garbage, huge or slow bodies, dropped connections) can be injected for the next N calls, including a
+gateway that fails after Defender acted. Admin routes under `/_sim/` need no token.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from localdev import tokens
+from localdev.identity import HOME_TENANT
 from localdev.loopback import LoopbackServer, Request, Response
 
 PUBLIC_AUDIENCE = "https://api.securitycenter.microsoft.com"
@@ -56,6 +59,8 @@ class Call:
     body: str
     status: int = 0
     response: str = ""  # the answer's body as sent (first 64 KiB)
+    tenant: str = ""  # the token's tenant (tid), when it had a valid one
+    app: str = ""  # the token's app (appid)
 
 
 @dataclass
@@ -70,8 +75,9 @@ class Fault:
 @dataclass
 class SimulatorState:
     actions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)  # action id -> its tenant
     calls: list[Call] = field(default_factory=list)
-    admitted: deque[float] = field(default_factory=deque)  # arrival times counted by the windows
+    admitted: dict[str, deque[float]] = field(default_factory=dict)  # per app|tenant: arrivals the windows count
     fault: Fault | None = None
 
 
@@ -82,7 +88,10 @@ class DefenderSimulator:
         windows: tuple[tuple[int, float], ...] = DEFAULT_WINDOWS,
         audience: str = PUBLIC_AUDIENCE,
         token_secret: str = tokens.DEFAULT_SECRET,
+        home_tenant: str = HOME_TENANT,
     ) -> None:
+        self.home_tenant = home_tenant
+        self.tenants = {home_tenant}  # onboarded to Defender
         self.windows = tuple(sorted(windows, key=lambda w: w[1]))
         self.audience = audience
         self.token_secret = token_secret
@@ -110,7 +119,17 @@ class DefenderSimulator:
         self._server.stop()
 
     # --- test-facing API (also over HTTP under /_sim/) --------------------------------------
-    def add_action(self, status: str = "Pending", action_type: str = "Isolate", action_id: str | None = None) -> str:
+    def add_tenant(self, tenant_id: str) -> None:
+        with self._lock:
+            self.tenants.add(tenant_id.lower())
+
+    def add_action(
+        self,
+        status: str = "Pending",
+        action_type: str = "Isolate",
+        action_id: str | None = None,
+        tenant: str | None = None,
+    ) -> str:
         action_id = action_id or str(uuid.uuid4())
         created = _now_iso()
         entity: dict[str, Any] = {
@@ -138,13 +157,17 @@ class DefenderSimulator:
         }
         with self._lock:
             self.state.actions[action_id] = entity
+            self.state.owners[action_id] = (tenant or self.home_tenant).lower()
         return action_id
 
-    def seed(self, count: int, rng: random.Random | None = None) -> list[str]:
+    def seed(self, count: int, rng: random.Random | None = None, tenant: str | None = None) -> list[str]:
         rng = rng or random.Random(0)
         return [
             self.add_action(
-                OPEN_STATES[i % 2], ACTION_TYPES[i % len(ACTION_TYPES)], str(uuid.UUID(int=rng.getrandbits(128)))
+                OPEN_STATES[i % 2],
+                ACTION_TYPES[i % len(ACTION_TYPES)],
+                str(uuid.UUID(int=rng.getrandbits(128))),
+                tenant,
             )
             for i in range(count)
         ]
@@ -153,13 +176,13 @@ class DefenderSimulator:
         with self._lock:
             self.state.fault = fault
 
-    def calls(self, path_contains: str = "/cancel") -> list[Call]:
+    def calls(self, path_contains: str = "/cancel", tenant: str | None = None) -> list[Call]:
         with self._lock:
-            return [c for c in self.state.calls if path_contains in c.path]
+            return [c for c in self.state.calls if path_contains in c.path and tenant in (None, c.tenant)]
 
     def reset(self) -> None:
         with self._lock:
-            self.state = SimulatorState(actions=self.state.actions)
+            self.state = SimulatorState(actions=self.state.actions, owners=self.state.owners)
 
     # --- request handling ------------------------------------------------------------------
     def handle(self, request: Request) -> Response | None:
@@ -169,18 +192,21 @@ class DefenderSimulator:
         call.body = request.body.decode("utf-8", "replace")[:1000]
         with self._lock:
             self.state.calls.append(call)
-            response, fault = self._route(request)
+            response, fault = self._route(request, call)
         answer = self._apply_fault(fault, response)
         if answer is not None:
             call.status = answer.status
             call.response = answer.raw[: 64 * 1024].decode("utf-8", "replace")
         return answer
 
-    def _route(self, request: Request) -> tuple[Response, Fault | None]:
-        denied = self._check_token(request.headers.get("Authorization", ""))
-        if denied:
-            return denied, None
-        throttled = self._check_rate()
+    def _route(self, request: Request, call: Call) -> tuple[Response, Fault | None]:
+        claims = self._check_token(request.headers.get("Authorization", ""))
+        if isinstance(claims, Response):
+            return claims, None
+        call.tenant, call.app = str(claims.get("tid", "")), str(claims.get("appid", ""))
+        if call.tenant not in self.tenants:
+            return _error(403, "Forbidden", f"Tenant {call.tenant!r} is not onboarded to Defender for Endpoint"), None
+        throttled = self._check_rate(f"{call.app}|{call.tenant}")
         if throttled:
             return throttled, None
         fault = self._take_fault()
@@ -188,16 +214,16 @@ class DefenderSimulator:
             return Response(0), fault
         cancel = _CANCEL.fullmatch(request.path)
         if cancel and request.method == "POST":
-            return self._cancel(cancel.group(1), request.body), fault
+            return self._cancel(cancel.group(1), request.body, call.tenant), fault
         action = _ACTION.fullmatch(request.path)
         if action and request.method == "GET":
-            entity = self.state.actions.get(action.group(1).lower())
+            entity = self._find(action.group(1), call.tenant)
             if entity is None:
                 return _error(404, "ResourceNotFound", f"Machine action {action.group(1)} was not found"), fault
             return Response(200, entity), fault
         return _error(404, "NotFound", "Resource not found"), fault
 
-    def _check_token(self, authorization: str) -> Response | None:
+    def _check_token(self, authorization: str) -> dict[str, Any] | Response:
         if not authorization.startswith("Bearer ") or not authorization[7:].strip():
             return _error(401, "Unauthorized", "Authorization header with a Bearer token is required")
         claims = tokens.verify(self.token_secret, authorization[7:].strip())
@@ -205,11 +231,16 @@ class DefenderSimulator:
             return _error(403, "Forbidden", "The token is invalid or expired")
         if claims.get("aud") != self.audience:
             return _error(403, "Forbidden", f"The token audience {claims.get('aud')!r} is not {self.audience!r}")
-        return None
+        return claims
 
-    def _check_rate(self) -> Response | None:
+    def _find(self, raw_id: str, tenant: str) -> dict[str, Any] | None:
+        """An action of this tenant; another tenant's is as unknown as a made-up id."""
+        action_id = raw_id.lower()
+        return self.state.actions.get(action_id) if self.state.owners.get(action_id) == tenant else None
+
+    def _check_rate(self, key: str) -> Response | None:
         now = time.time()
-        admitted = self.state.admitted
+        admitted = self.state.admitted.setdefault(key, deque())
         longest = self.windows[-1][1]
         while admitted and admitted[0] <= now - longest:
             admitted.popleft()
@@ -234,7 +265,7 @@ class DefenderSimulator:
                 self.state.fault = None
         return fault
 
-    def _cancel(self, raw_id: str, body: bytes) -> Response:
+    def _cancel(self, raw_id: str, body: bytes, tenant: str) -> Response:
         if not _GUID.fullmatch(raw_id):
             return _error(400, "InvalidRequestBody", f"Invalid machine action id {raw_id!r}")
         try:
@@ -243,7 +274,7 @@ class DefenderSimulator:
             return _error(400, "InvalidRequestBody", "Request body is not valid JSON")
         if not isinstance(payload, dict) or not isinstance(payload.get("Comment"), str):
             return _error(400, "MissingRequiredParameter", "Comment is a required parameter")
-        entity = self.state.actions.get(raw_id.lower())
+        entity = self._find(raw_id, tenant)
         if entity is None:
             return _error(404, "ResourceNotFound", f"Machine action {raw_id} was not found")
         if entity["status"] in FINAL_STATES:
@@ -291,7 +322,9 @@ class DefenderSimulator:
     def _admin(self, request: Request) -> Response:
         if request.path == "/_sim/actions" and request.method == "POST":
             spec = request.json()
-            action_id = self.add_action(spec.get("status", "Pending"), spec.get("type", "Isolate"), spec.get("id"))
+            action_id = self.add_action(
+                spec.get("status", "Pending"), spec.get("type", "Isolate"), spec.get("id"), spec.get("tenant")
+            )
             return Response(201, self.state.actions[action_id])
         if request.path == "/_sim/actions":
             with self._lock:

@@ -2,7 +2,10 @@
 
 `GET {IDENTITY_ENDPOINT}?api-version=2019-08-01&resource=...[&client_id=...]` with header
 `X-IDENTITY-HEADER` answers `{"access_token", "expires_on", "resource", "token_type"}`, as App
-Service and Functions do. It counts requests and can fail or stall on demand.
+Service and Functions do. Tokens carry what Entra's do for a managed identity: the home tenant
+(`tid`), the issuer `https://login.microsoftonline.com/<tenant>/v2.0`, the identity's client id
+(`appid`) and, as `sub`/`oid`, its object id -- which differs from the client id, as in Azure, so
+a federated credential naming the wrong one fails. It counts requests and can fail or stall.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import secrets
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 from localdev import tokens
@@ -19,6 +23,13 @@ from localdev.loopback import LoopbackServer, Request, Response
 
 TOKEN_PATH = "/msi/token"
 SYSTEM_IDENTITY = "00000000-0000-0000-0000-00000000a11d"
+HOME_TENANT = "8a0f4c1e-6f0b-4c8e-9d51-3f3c0e6a9b10"  # the local stack's home directory
+ISSUER_HOST = "https://login.microsoftonline.com"
+
+
+def object_id(client_id: str) -> str:
+    """The identity's object (principal) id: fixed per client id, and never equal to it."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"local-identity:{client_id}"))
 
 
 @dataclass
@@ -35,7 +46,9 @@ class IdentityEndpoint:
         header_secret: str | None = None,
         token_secret: str = tokens.DEFAULT_SECRET,
         lifetime: int = 3600,
+        home_tenant: str = HOME_TENANT,
     ) -> None:
+        self.home_tenant = home_tenant
         self.header_secret = header_secret or secrets.token_hex(16)
         self.token_secret = token_secret
         self.lifetime = lifetime
@@ -112,14 +125,23 @@ class IdentityEndpoint:
         if request.query.get("api-version") != "2019-08-01" or not request.query.get("resource"):
             return Response(400, {"error": "invalid_request", "error_description": "api-version and resource required"})
         resource = request.query["resource"]
-        subject = request.query.get("client_id") or SYSTEM_IDENTITY
-        token, expires_on = tokens.mint(self.token_secret, resource, subject, self.lifetime)
+        client_id = request.query.get("client_id") or SYSTEM_IDENTITY
+        token, expires_on = tokens.mint(
+            self.token_secret,
+            resource,
+            object_id(client_id),
+            self.lifetime,
+            iss=f"{ISSUER_HOST}/{self.home_tenant}/v2.0",
+            tid=self.home_tenant,
+            appid=client_id,
+            idtyp="app",
+        )
         body = {
             "access_token": token,
             "expires_on": str(expires_on),
             "resource": resource,
             "token_type": "Bearer",
-            "client_id": subject,
+            "client_id": client_id,
         }
         return Response(200, body)
 

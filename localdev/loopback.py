@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,11 +38,15 @@ Handler = Callable[[Request], Response | None]
 
 
 class LoopbackServer:
-    """Serves `handle(request)` on 127.0.0.1:`port` (0 = a free port) in a daemon thread."""
+    """Serves `handle(request)` on 127.0.0.1:`port` (0 = a free port) in a daemon thread; over TLS
+    when given a server context (the handshake runs in the request's thread, not the accept loop)."""
 
-    def __init__(self, handle: Handler, port: int = 0, host: str = LOOPBACK) -> None:
+    def __init__(self, handle: Handler, port: int = 0, host: str = LOOPBACK, tls: ssl.SSLContext | None = None) -> None:
         self._server = ThreadingHTTPServer((host, port), _handler_class(handle))
         self._server.daemon_threads = True
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True, do_handshake_on_connect=False)
+        self._scheme = "https" if tls is not None else "http"
         self._thread: threading.Thread | None = None
 
     @property
@@ -50,7 +55,7 @@ class LoopbackServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{self._scheme}://{LOOPBACK}:{self.port}"
 
     def start(self) -> LoopbackServer:
         self._thread = threading.Thread(target=self.serve_forever, name=f"loopback-{self.port}", daemon=True)

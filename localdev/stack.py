@@ -1,13 +1,17 @@
 """`make run`: the whole app on one machine, no Azure account needed.
 
 Starts, in the foreground: Azurite, the Defender simulator (seeded with open machine actions whose
-ids it prints), the loopback managed identity endpoint, and the app on http://localhost:7071,
+ids it prints, in the home tenant and in two customer tenants), the loopback managed identity
+endpoint, a loopback Entra token endpoint (TLS, its CA made at start) where a multi-tenant app
+registration trusts the identity and is consented in both customers, and the app on
+http://localhost:7071,
 served by `func start` when Functions Core Tools is installed, else by localdev.funchost. The app
 settings come from local.settings.json (or local.settings.sample.json), pointed at this stack.
 Ctrl-C (or SIGTERM) stops everything.
 
     python -m localdev.stack [--port 7071] [--defender-port 7080] [--identity-port 7081]
-                             [--azurite-ports 10000,10001,10002] [--seed 6] [--local-host]
+                             [--entra-port 7082] [--azurite-ports 10000,10001,10002] [--seed 6]
+                             [--local-host]
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -27,10 +32,35 @@ from typing import Any
 from localdev import tokens
 from localdev.azurite import STANDARD_PORTS, Azurite
 from localdev.defender import DefenderSimulator, parse_windows
-from localdev.identity import IdentityEndpoint
+from localdev.entra import EntraEndpoint, FederatedCredential
+from localdev.identity import ISSUER_HOST, IdentityEndpoint, object_id
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_KEY = "local-function-key"
+# The local directories: the app's user-assigned identity lives in the home tenant, as does the
+# multi-tenant app registration it is the federated credential of; two customers consented to it.
+LOCAL_IDENTITY = "5b1f0e2a-9c47-4d0e-8f6a-2c3d4e5f6a7b"
+LOCAL_TENANT_APP = "0d9c8b7a-6f5e-4d3c-2b1a-0f9e8d7c6b5a"
+LOCAL_TENANTS = {"contoso": "1c7e2a4b-3d5f-4a6b-8c9d-0e1f2a3b4c5d", "fabrikam": "9e8d7c6b-5a4f-4e3d-9c1b-0a9f8e7d6c5b"}
+
+
+def federate(entra: EntraEndpoint, identity: IdentityEndpoint, tenants: dict[str, str]) -> dict[str, str]:
+    """What an MSSP's admin does once, and each customer's admin once: the app registration trusts
+    the identity (issuer, subject = its object id, audience), and each customer consents to it.
+    Returns the app settings that use it."""
+    issuer = f"{ISSUER_HOST}/{identity.home_tenant}/v2.0"
+    entra.register(LOCAL_TENANT_APP, FederatedCredential(issuer, object_id(LOCAL_IDENTITY)))
+    for tenant_id in tenants.values():
+        entra.add_tenant(tenant_id)
+        entra.consent(LOCAL_TENANT_APP, tenant_id)
+    return {
+        "TENANTS": ",".join(f"{name}={tenant_id}" for name, tenant_id in tenants.items()),
+        "TENANT_APP_CLIENT_ID": LOCAL_TENANT_APP,
+        "AZURE_CLIENT_ID": LOCAL_IDENTITY,
+        "HOME_TENANT_ID": identity.home_tenant,
+        "AZURE_AUTHORITY_HOST": entra.authority,
+        "REQUESTS_CA_BUNDLE": entra.ca_path,  # trust the local CA; verification stays on
+    }
 
 
 def local_settings() -> dict[str, str]:
@@ -47,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7071, help="the app (Functions host) port")
     parser.add_argument("--defender-port", type=int, default=7080)
     parser.add_argument("--identity-port", type=int, default=7081)
+    parser.add_argument("--entra-port", type=int, default=7082)
     parser.add_argument("--azurite-ports", default=",".join(map(str, STANDARD_PORTS)), help="blob,queue,table")
     parser.add_argument("--seed", type=int, default=6, help="open machine actions to create")
     parser.add_argument("--windows", default="100/60,1500/3600", help="the simulator's rate windows")
@@ -60,6 +91,7 @@ class Stack:
         ports = tuple(int(p) for p in args.azurite_ports.split(","))
         self.azurite = Azurite((ports[0], ports[1], ports[2]))
         self.identity = IdentityEndpoint(args.identity_port, token_secret=tokens.DEFAULT_SECRET)
+        self.entra = EntraEndpoint(args.entra_port, token_secret=tokens.DEFAULT_SECRET)
         self.defender = DefenderSimulator(
             args.defender_port, parse_windows(args.windows), token_secret=tokens.DEFAULT_SECRET
         )
@@ -72,6 +104,7 @@ class Stack:
         return {
             **self.settings,
             **self.identity.env(),
+            **federate(self.entra, self.identity, LOCAL_TENANTS),
             "AzureWebJobsStorage": self.azurite.connection_string,
             "DEFENDER_API_BASE_URL": self.defender.base_url,
             "FUNCTIONS_WORKER_RUNTIME": "python",
@@ -80,8 +113,13 @@ class Stack:
     def start(self) -> dict[str, Any]:
         self.azurite.start()
         self.identity.start()
+        self.entra.start()
         self.defender.start()
         actions = self.defender.seed(self.args.seed)
+        tenant_actions = {}
+        for name, tenant_id in LOCAL_TENANTS.items():
+            self.defender.add_tenant(tenant_id)
+            tenant_actions[name] = self.defender.seed(2, random.Random(name), tenant_id)
         env = self.app_env()
         func = None if self.args.local_host else shutil.which("func")
         if func:
@@ -99,6 +137,9 @@ class Stack:
             "functionKey": self.key,
             "defender": self.defender.base_url,
             "identity": self.identity.endpoint,
+            "entra": self.entra.authority,
+            "tenants": LOCAL_TENANTS,
+            "tenantActions": tenant_actions,
             "storage": self.azurite.connection_string.split("AccountKey=")[0] + "...",
             "actions": actions,
             "pids": {"stack": os.getpid(), "azurite": self.azurite.pid},
@@ -111,6 +152,7 @@ class Stack:
         if self._host is not None:
             self._host.stop()
         self.defender.stop()
+        self.entra.stop()
         self.identity.stop()
         self.azurite.stop()
 
@@ -119,16 +161,21 @@ def banner(info: dict[str, Any]) -> str:
     app, key, first = info["app"], info["functionKey"], info["actions"][0] if info["actions"] else "<id>"
     lines = [
         f"Cancel Machine Action is running at {app} (served by {info['host']})",
-        f"  Defender simulator {info['defender']}  identity endpoint {info['identity']}",
-        "  open machine actions: " + ", ".join(info["actions"]),
+        f"  Defender simulator {info['defender']}  identity endpoint {info['identity']}  Entra {info['entra']}",
+        "  open machine actions (home tenant): " + ", ".join(info["actions"]),
+        *(f"  open machine actions in {name}: " + ", ".join(ids) for name, ids in info["tenantActions"].items()),
         "",
         f"  curl -s -X POST '{app}/api/machineactions/{first}/cancel' -H 'x-functions-key: {key}' \\",
         "       -H 'Content-Type: application/json' -d '{\"Comment\": \"false positive\"}'",
-        f"  curl -s '{app}/api/quota?code={key}'",
-        "",
-        "Ctrl-C stops everything.",
     ]
-    return "\n".join(lines)
+    for name, ids in info["tenantActions"].items():
+        lines += [
+            f"  curl -s -X POST '{app}/api/tenants/{name}/machineactions/{ids[0]}/cancel' \\",
+            f"       -H 'x-functions-key: {key}' -H 'Content-Type: application/json' \\",
+            '       -d \'{"Comment": "false positive"}\'',
+        ]
+    lines += [f"  curl -s '{app}/api/quota?code={key}'", f"  curl -s '{app}/api/tenants/contoso/quota?code={key}'"]
+    return "\n".join([*lines, "", "Ctrl-C stops everything."])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,9 +21,11 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def mint(secret: str, audience: str, subject: str, lifetime: int) -> tuple[str, int]:
+def mint(secret: str, audience: str, subject: str, lifetime: int, **extra: Any) -> tuple[str, int]:
+    """A token for `audience`; `extra` claims (iss, tid, appid, roles...) as Entra would set them."""
     now = int(time.time())
-    claims = {"aud": audience, "sub": subject, "oid": subject, "iat": now, "exp": now + lifetime, "iss": "local-msi"}
+    claims = {"aud": audience, "sub": subject, "oid": subject, "iat": now, "nbf": now, "exp": now + lifetime,
+              "iss": "local-msi", **extra}  # fmt: skip
     signing_input = _b64(b'{"alg":"HS256","typ":"JWT"}') + "." + _b64(json.dumps(claims).encode())
     signature = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{_b64(signature)}", now + lifetime

@@ -3,23 +3,50 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from shared import redaction
 from shared.audit import AuditLog
-from shared.defender import DefenderClient
+from shared.defender import DefenderClient, RequestsTransport
 from shared.ratelimit import RateLimiter
 from shared.service import CancelService
 from shared.settings import Settings
 from shared.storage import queue_client, table_client
-from shared.token import TokenProvider
+from shared.tenants import Tenant
+from shared.token import TokenProvider, identity_assertion, managed_identity, tenant_credential
+
+
+@dataclass(frozen=True)
+class TenantApp:
+    """One tenant's cancel path: its own tokens, quota (limiter) and service."""
+
+    tenant: Tenant
+    service: CancelService
+    limiter: RateLimiter
+    rate_limit_key: str
 
 
 @dataclass(frozen=True)
 class App:
     settings: Settings
-    service: CancelService
-    limiter: RateLimiter
+    tenants: Mapping[str, TenantApp]  # by tenant id
+
+    def of(self, tenant: Tenant) -> TenantApp:
+        return self.tenants[tenant.id]
+
+    @property
+    def home(self) -> TenantApp:
+        return self.tenants[self.settings.tenants.home.id]
+
+    @property
+    def service(self) -> CancelService:
+        return self.home.service
+
+    @property
+    def limiter(self) -> RateLimiter:
+        return self.home.limiter
 
 
 _lock = threading.Lock()
@@ -61,13 +88,38 @@ def build_app(settings: Settings) -> App:
     from shared.idempotency import IdempotencyStore
     from shared.ratelimit_table import TableSlidingLog
 
-    tokens = TokenProvider(settings.token_scope, settings.client_id, settings.timeout_seconds)
-    defender = DefenderClient(settings.api_base_url, tokens, settings.timeout_seconds)
+    identity = managed_identity(settings.client_id, settings.timeout_seconds)
+    transport = RequestsTransport()  # one connection pool for every tenant: Defender is one host
     audit = AuditLog(table_client(settings.storage, settings.audit_table))
-    store = TableSlidingLog(table_client(settings.storage, settings.rate_limit_table), settings.rate_limit_key)
-    limiter = RateLimiter(store, settings.rate_limits, settings.safety_ms)
+    log_table = table_client(settings.storage, settings.rate_limit_table)
     answers = IdempotencyStore(
         table_client(settings.storage, settings.idempotency_table), settings.idempotency_lease_seconds
     )
-    service = CancelService(defender, audit, limiter, answers, budget_seconds=settings.timeout_seconds)
-    return App(settings, service, limiter)
+
+    def tenant_app(tenant: Tenant, tokens: TokenProvider, key: str) -> TenantApp:
+        defender = DefenderClient(settings.api_base_url, tokens, settings.timeout_seconds, transport=transport)
+        limiter = RateLimiter(TableSlidingLog(log_table, key), settings.rate_limits, settings.safety_ms)
+        service = CancelService(defender, audit, limiter, answers, settings.timeout_seconds, tenant=tenant)
+        return TenantApp(tenant, service, limiter, key)
+
+    home = settings.tenants.home
+    home_tokens = TokenProvider(settings.token_scope, credential=identity)
+    apps = {home.id: tenant_app(home, home_tokens, settings.rate_limit_key)}
+    assertion = identity_assertion(identity, settings.exchange_audience)
+    for tenant in settings.tenants.customers:
+        tokens = TokenProvider(
+            settings.token_scope, credential=_customer_credential(settings, tenant, assertion), source=_source(tenant)
+        )
+        apps[tenant.id] = tenant_app(tenant, tokens, settings.tenant_rate_limit_key(tenant.id))
+    return App(settings, apps)
+
+
+def _customer_credential(settings: Settings, tenant: Tenant, assertion: Any) -> Any:
+    assert settings.tenant_app_client_id is not None  # settings require it with TENANTS
+    return tenant_credential(
+        tenant.id, settings.tenant_app_client_id, assertion, settings.authority_host, settings.timeout_seconds
+    )
+
+
+def _source(tenant: Tenant) -> str:
+    return f"tenant {tenant.name} ({tenant.id}) through the app registration's federated credential"

@@ -36,6 +36,7 @@ class AuditRecord:
     duration_ms: float
     attempts: int
     request_id: str | None = None
+    tenant_id: str = "home"  # the directory acted in (shared.tenants)
 
 
 class AuditLog:
@@ -70,5 +71,6 @@ def to_entity(record: AuditRecord, now: float | None = None) -> dict[str, Any]:
         "DurationMs": round(record.duration_ms, 3),
         "Attempts": record.attempts,
         "UpstreamRequestId": record.request_id or "",
+        "TenantId": record.tenant_id,
         "At": datetime.fromtimestamp(now, tz=UTC),
     }

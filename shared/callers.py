@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping
 
 from shared.errors import AppError
+from shared.tenants import CallerPolicy, Tenant, TenantDirectory
 
 PRINCIPAL_HEADER = "X-MS-CLIENT-PRINCIPAL"
 PRINCIPAL_ID_HEADER = "X-MS-CLIENT-PRINCIPAL-ID"
@@ -57,3 +58,12 @@ def caller_scope(headers: Mapping[str, str], allowed: frozenset[str]) -> str:
     if allowed:
         return "principal:" + ",".join(sorted(caller_ids(headers)))
     return "function-key"
+
+
+def caller_tenant(
+    headers: Mapping[str, str], policy: CallerPolicy, tenants: TenantDirectory, ref: str | None
+) -> Tenant:
+    """The tenant a request acts in (None: the home tenant): 403 for a caller not allowed at all or
+    not allowed there, 404 for a name no tenant has -- all before any token is asked for."""
+    check_caller(headers, policy.allowed)
+    return policy.tenant_for(caller_ids(headers), tenants, ref)

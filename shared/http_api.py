@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shared.app import get_app, get_settings
-from shared.callers import caller_scope, check_caller
+from shared.callers import caller_scope, caller_tenant
 from shared.errors import AppError, error_body
 from shared.validation import correlation_id, parse_http_cancel
 
@@ -28,17 +28,17 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def cancel(action_id: str, body: bytes, headers: Mapping[str, str]) -> Reply:
-    """POST /api/machineactions/{actionId}/cancel."""
+def cancel(action_id: str, body: bytes, headers: Mapping[str, str], tenant_ref: str | None = None) -> Reply:
+    """POST /api/machineactions/{actionId}/cancel, or /api/tenants/{tenant}/machineactions/...."""
     correlation = correlation_id(headers.get(CORRELATION_HEADER))
     reply_headers = {CORRELATION_HEADER: correlation}
     try:
-        allowed = get_settings().allowed_callers
-        check_caller(headers, allowed)
-        scope = caller_scope(headers, allowed)
+        settings = get_settings()
+        tenant = caller_tenant(headers, settings.callers, settings.tenants, tenant_ref)
+        scope = caller_scope(headers, settings.allowed_callers)
         command = parse_http_cancel(action_id, body, correlation, headers.get(IDEMPOTENCY_HEADER), scope)
         app = get_app()
-        result = app.service.cancel(command, max_wait=app.settings.http_max_wait_seconds)
+        result = app.of(tenant).service.cancel(command, max_wait=app.settings.http_max_wait_seconds)
     except AppError as exc:
         return error_reply(exc, correlation, reply_headers)
     except Exception:
@@ -53,19 +53,22 @@ def cancel(action_id: str, body: bytes, headers: Mapping[str, str]) -> Reply:
     return Reply(result.status, result.body, reply_headers)
 
 
-def quota(request_headers: Mapping[str, str]) -> Reply:
-    """GET /api/quota: for each window, the calls used, the limit, and when the next slot frees."""
+def quota(request_headers: Mapping[str, str], tenant_ref: str | None = None) -> Reply:
+    """GET /api/quota (or /api/tenants/{tenant}/quota): for each window, the calls used, the limit,
+    and when the next slot frees."""
     correlation = correlation_id(request_headers.get(CORRELATION_HEADER))
     headers = {CORRELATION_HEADER: correlation}
     try:
-        check_caller(request_headers, get_settings().allowed_callers)
-        app = get_app()
-        windows, blocked_until = app.limiter.stats()
+        settings = get_settings()
+        tenant = caller_tenant(request_headers, settings.callers, settings.tenants, tenant_ref)
+        quota = get_app().of(tenant)
+        windows, blocked_until = quota.limiter.stats()
     except AppError as exc:
         return error_reply(exc, correlation, headers)
     now = time.time()
     body = {
-        "key": app.settings.rate_limit_key,
+        "tenant": {"name": tenant.name, "id": tenant.id},
+        "key": quota.rate_limit_key,
         "windows": [
             {
                 "limit": w.limit,

@@ -1,13 +1,14 @@
 """The queue face of the service: one message in, one result message out (or a deferral).
 
-Message: `{"machineActionId", "comment", "correlationId"?}` (+ our own `attempts` and `messageId`,
-carried by deferred copies). Its idempotency key is (correlationId, machineActionId), or the first
+Message: `{"machineActionId", "comment", "correlationId"?, "tenantId"?}` (+ our own `attempts` and
+`messageId`, carried by deferred copies); `tenantId` is a TENANTS name or id, absent for the home
+tenant. Its idempotency key is (correlationId, machineActionId), or the first
 delivery's message id when it has no correlationId, so a redelivered or deferred copy replays the
 answer instead of cancelling again. Outcomes:
 - Defender answered (2xx/4xx): a result with its status and body.
 - Defender may have acted but its answer was lost (a timeout, a cut connection, a 500/502/504):
   a `failed` result at once, with that answer; a retry could only replay it.
-- Invalid message: a `rejected` result quoting it; never retried.
+- Invalid message, or a tenant not in TENANTS: a `rejected` result quoting it; never retried.
 - Quota used up, Defender's 429, or the same key in flight: the message is sent again with a
   visibility delay and this invocation ends cleanly, so it never counts toward poison.
 - Nothing reached Defender (state store down, no token, no connection, Defender's 503): raise, so
@@ -29,6 +30,7 @@ from shared.redaction import redact
 from shared.service import CancelResult
 from shared.settings import QUEUE_INLINE_WAIT_SECONDS
 from shared.storage import queue_client
+from shared.tenants import Tenant, TenantNotFound
 from shared.validation import (
     CancelCommand,
     correlation_id,
@@ -57,6 +59,7 @@ class QueueCancel:
     correlation_id: str | None  # as given; None when the message had none
     message_id: str  # the first delivery's queue message id (kept by deferred copies)
     attempts: int  # deliveries of earlier copies (deferrals)
+    tenant_ref: str | None = None  # as given: a TENANTS name or id; None is the home tenant
 
     @property
     def reported_correlation(self) -> str:
@@ -74,6 +77,8 @@ class QueueCancel:
             again["correlationId"] = self.correlation_id
         else:
             again["messageId"] = self.message_id
+        if self.tenant_ref is not None:
+            again["tenantId"] = self.tenant_ref
         return again
 
 
@@ -81,12 +86,13 @@ def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> di
     """The result message to send, or None when the message was deferred. Raises to be retried."""
     try:
         message = parse_message(body, message_id)
-    except InvalidRequest as exc:
+        tenant = get_settings().tenants.resolve(message.tenant_ref)
+    except (InvalidRequest, TenantNotFound) as exc:
         return rejected(body, exc, dequeue_count)
     attempts = message.attempts + dequeue_count
     command = message.command()
     try:
-        result = get_app().service.cancel(command, max_wait=QUEUE_INLINE_WAIT_SECONDS)
+        result = get_app().of(tenant).service.cancel(command, max_wait=QUEUE_INLINE_WAIT_SECONDS)
     except QuotaExceeded as exc:
         # Back a little before the slot frees (rounded down), then the short rest is slept in place.
         defer(message, int(exc.wait_seconds), dequeue_count)
@@ -97,18 +103,17 @@ def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> di
     except InvalidRequest as exc:  # e.g. a messageId key reused for another action (422)
         return rejected(body, exc, attempts)
     except OutcomeUnknown as exc:
-        return _result(command.correlation_id, command.action_id, None, error_body(exc.code, exc.message),
-                       "failed", attempts)  # fmt: skip
+        return _result(command, tenant, None, error_body(exc.code, exc.message), "failed", attempts)
     except AppError as exc:
-        last_attempt(command, attempts, dequeue_count, None, error_body(exc.code, exc.message))
+        last_attempt(command, tenant, attempts, dequeue_count, None, error_body(exc.code, exc.message))
         raise
     if result.status == 429:
         defer(message, result.retry_after or IN_FLIGHT_DEFER_SECONDS, dequeue_count)
         return None
     if result.status == 503:  # Defender refused before acting, even after our retries
-        last_attempt(command, attempts, dequeue_count, result.status, result.body)
+        last_attempt(command, tenant, attempts, dequeue_count, result.status, result.body)
         raise TransientUpstreamError(f"Defender answered {result.status}; the host will retry")
-    return result_message(command, result, attempts)
+    return result_message(command, tenant, result, attempts)
 
 
 class TransientUpstreamError(Exception):
@@ -126,6 +131,7 @@ def parse_message(body: bytes, message_id: str | None = None) -> QueueCancel:
         correlation_id=given,
         message_id=carried or message_id or correlation_id(None),  # no id at all (not from the host): one now
         attempts=attempts if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 0 else 0,
+        tenant_ref=_optional_id(payload, "tenantId"),
     )
 
 
@@ -136,7 +142,7 @@ def _optional_id(payload: dict[str, Any], name: str) -> str | None:
     return given
 
 
-def rejected(body: bytes, exc: InvalidRequest, attempts: int) -> dict[str, Any]:
+def rejected(body: bytes, exc: AppError, attempts: int) -> dict[str, Any]:
     quoted = redact(body.decode("utf-8", "replace")[:MAX_QUOTED_CHARS])
     try:
         original: Any = json.loads(body)
@@ -146,29 +152,31 @@ def rejected(body: bytes, exc: InvalidRequest, attempts: int) -> dict[str, Any]:
     answer = error_body(exc.code, exc.message)
     answer["message"] = quoted
     logger.warning("rejected queue message: %s", exc.message)
-    return _result(_text(fields.get("correlationId")), _text(fields.get("machineActionId")), None, answer,
-                   "rejected", attempts)  # fmt: skip
+    return _message(_text(fields.get("correlationId")), _text(fields.get("machineActionId")),
+                    _text(fields.get("tenantId")), None, answer, "rejected", attempts)  # fmt: skip
 
 
-def result_message(command: CancelCommand, result: CancelResult, attempts: int) -> dict[str, Any]:
+def result_message(command: CancelCommand, tenant: Tenant, result: CancelResult, attempts: int) -> dict[str, Any]:
     if 200 <= result.status < 300:
         outcome = "cancelled"
     elif result.status >= 500:  # a 500/502/504: Defender may have acted; it is not asked again
         outcome = "failed"
     else:
         outcome = "upstream_rejected"
-    message = _result(command.correlation_id, command.action_id, result.status, result.body, outcome, attempts)
+    message = _result(command, tenant, result.status, result.body, outcome, attempts)
     if result.replayed:
         message["replayed"] = True
     return message
 
 
-def last_attempt(command: CancelCommand, attempts: int, dequeue_count: int, status: int | None, body: Any) -> None:
+def last_attempt(
+    command: CancelCommand, tenant: Tenant, attempts: int, dequeue_count: int, status: int | None, body: Any
+) -> None:
     """On the last attempt the host allows, send a `failed` result ourselves before raising."""
     settings = get_settings()
     if dequeue_count < settings.max_dequeue_count:
         return
-    message = _result(command.correlation_id, command.action_id, status, body, "failed", attempts)
+    message = _result(command, tenant, status, body, "failed", attempts)
     queue_client(settings.queue_storage, RESULTS_QUEUE).send_message(json.dumps(message))
 
 
@@ -181,11 +189,24 @@ def defer(message: QueueCancel, seconds: int, deliveries: int) -> None:
 
 
 def _result(
-    correlation: str | None, action_id: str | None, status: int | None, body: Any, outcome: str, attempts: int
+    command: CancelCommand, tenant: Tenant, status: int | None, body: Any, outcome: str, attempts: int
+) -> dict[str, Any]:
+    return _message(command.correlation_id, command.action_id, tenant.id, status, body, outcome, attempts)
+
+
+def _message(
+    correlation: str | None,
+    action_id: str | None,
+    tenant_id: str | None,
+    status: int | None,
+    body: Any,
+    outcome: str,
+    attempts: int,
 ) -> dict[str, Any]:
     return {
         "correlationId": correlation,
         "machineActionId": action_id,
+        "tenantId": tenant_id,
         "status": status,
         "body": body,
         "outcome": outcome,

@@ -12,6 +12,7 @@ from shared import defender
 from shared.audit import AuditLog, AuditRecord
 from shared.defender import DefenderClient
 from shared.errors import AppError, OutcomeUnknown, StateStoreUnavailable, error_body
+from shared.tenants import HOME, Tenant
 from shared.validation import CancelCommand
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ class CancelService:
         answers: AnswerStore | None = None,
         budget_seconds: float = 30.0,
         monotonic: Callable[[], float] = time.monotonic,
+        tenant: Tenant | None = None,
     ) -> None:
+        self._tenant = tenant or Tenant(HOME, HOME, home=True)
         self._defender = defender
         self._audit = audit
         self._gate = gate
@@ -93,7 +96,7 @@ class CancelService:
         """Cancel one machine action, at most once per idempotency key.
 
         Raises AppError subclasses when Defender gave no answer (quota, state store, network)."""
-        key = command.idempotency_key
+        key = self._scoped(command.idempotency_key)
         if key is None or self._answers is None:
             return self._call(command, max_wait, None)
         held = self._answers.claim(key, command.action_id)
@@ -114,6 +117,13 @@ class CancelService:
         else:
             self._answers.release(held)
         return result
+
+    def _scoped(self, key: str | None) -> str | None:
+        """Idempotency keys are scoped by tenant: one caller's key in two tenants is two cancels.
+        The home tenant's keys keep their old form, so an upgrade replays what it stored."""
+        if key is None or self._tenant.home:
+            return key
+        return f"tenant|{self._tenant.id}|{key}"
 
     def _call(self, command: CancelCommand, max_wait: float, fence: float | None) -> CancelResult:
         started = self._monotonic()
@@ -147,9 +157,10 @@ class CancelService:
     ) -> None:
         duration_ms = (self._monotonic() - started) * 1000
         logger.info(
-            "cancel %s via %s: upstream %s (%s) in %.1f ms, %d attempt(s), correlation %s",
+            "cancel %s via %s in tenant %s: upstream %s (%s) in %.1f ms, %d attempt(s), correlation %s",
             command.action_id,
             command.source,
+            self._tenant.name,
             status,
             outcome,
             duration_ms,
@@ -167,6 +178,7 @@ class CancelService:
                 duration_ms=duration_ms,
                 attempts=attempts,
                 request_id=request_id,
+                tenant_id=self._tenant.id,
             )
         )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from shared.errors import SettingsError
+from shared.tenants import CallerPolicy, TenantDirectory, parse_callers, parse_tenants
 
 # Per cloud: the API root, and the resource its tokens are for (CONTRACT.md). Public calls go to
 # api.security.microsoft.com, the host Microsoft documents now; its tokens are still for
@@ -33,6 +34,22 @@ TOKEN_RESOURCES: Mapping[str, str] = {
     "DoD": "https://api-gov.securitycenter.microsoft.us",
 }
 CLOUDS = tuple(API_ROOTS)
+# Per cloud: Entra's authority host, and the audience of the identity's token that the app
+# registration's federated credential trusts. GCC tenants live in the commercial Entra; GCC High and
+# DoD in Azure Government's ("Configure an application to trust a managed identity", Microsoft Entra
+# Workload ID docs; cross-cloud exchange is not supported).
+AUTHORITY_HOSTS: Mapping[str, str] = {
+    "Public": "https://login.microsoftonline.com",
+    "GCC": "https://login.microsoftonline.com",
+    "GCCHigh": "https://login.microsoftonline.us",
+    "DoD": "https://login.microsoftonline.us",
+}
+EXCHANGE_AUDIENCES: Mapping[str, str] = {
+    "Public": "api://AzureADTokenExchange",
+    "GCC": "api://AzureADTokenExchange",
+    "GCCHigh": "api://AzureADTokenExchangeUSGov",
+    "DoD": "api://AzureADTokenExchangeUSGov",
+}
 
 # Hosts that serve the Defender for Endpoint API (REFERENCE.md); anything else is refused so a
 # mistyped or hostile setting cannot send our bearer token elsewhere.
@@ -114,11 +131,23 @@ class Settings:
     safety_ms: int
     http_max_wait_seconds: float
     timeout_seconds: float
-    allowed_callers: frozenset[str]
+    callers: CallerPolicy
     audit_table: str
     rate_limit_table: str
     idempotency_table: str
     idempotency_lease_seconds: float
+    tenants: TenantDirectory = field(default_factory=lambda: TenantDirectory.build(None, ()))
+    tenant_app_client_id: str | None = None
+    authority_host: str = AUTHORITY_HOSTS["Public"]
+    exchange_audience: str = EXCHANGE_AUDIENCES["Public"]
+
+    @property
+    def allowed_callers(self) -> frozenset[str]:
+        return self.callers.allowed
+
+    def tenant_rate_limit_key(self, tenant_id: str) -> str:
+        """A customer tenant's quota: Defender counts per app (the registration) and tenant."""
+        return f"{self.cloud}-{self.tenant_app_client_id}-{tenant_id}"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -133,6 +162,7 @@ class Settings:
             raise SettingsError(f"DEFENDER_CLOUD must be one of {', '.join(CLOUDS)}; got {cloud!r}")
         client_id = _get(env, "AZURE_CLIENT_ID", "") or None
         state_storage = _get(env, "STATE_STORAGE", "AzureWebJobsStorage")
+        tenants = parse_tenants(_get(env, "TENANTS", ""), _get(env, "HOME_TENANT_ID", "") or None)
         return cls(
             cloud=cloud,
             api_base_url=parse_api_base_url(_get(env, "DEFENDER_API_BASE_URL", API_ROOTS[cloud])),
@@ -147,11 +177,15 @@ class Settings:
             safety_ms=_int(env, "RATE_LIMIT_SAFETY_MS", DEFAULT_SAFETY_MS),
             http_max_wait_seconds=_seconds(env, "HTTP_MAX_WAIT_SECONDS", 0.0),
             timeout_seconds=_seconds(env, "DEFENDER_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS),
-            allowed_callers=parse_allowed_callers(env),
+            callers=parse_allowed_callers(env, tenants),
             audit_table=_table(env, "AUDIT_TABLE", DEFAULT_AUDIT_TABLE),
             rate_limit_table=_table(env, "RATE_LIMIT_TABLE", DEFAULT_RATE_LIMIT_TABLE),
             idempotency_table=_table(env, "IDEMPOTENCY_TABLE", DEFAULT_IDEMPOTENCY_TABLE),
             idempotency_lease_seconds=_seconds(env, "IDEMPOTENCY_LEASE_SECONDS", DEFAULT_IDEMPOTENCY_LEASE),
+            tenants=tenants,
+            tenant_app_client_id=_tenant_app(env, tenants, client_id),
+            authority_host=parse_authority_host(_get(env, "AZURE_AUTHORITY_HOST", AUTHORITY_HOSTS[cloud])),
+            exchange_audience=_get(env, "TOKEN_EXCHANGE_AUDIENCE", EXCHANGE_AUDIENCES[cloud]),
         )
 
 
@@ -290,10 +324,44 @@ def parse_storage_connection(env: Mapping[str, str], name: str, service: str = "
     return StorageConnection(table_service_uri=table_uri, queue_service_uri=queue_uri or None, client_id=client_id)
 
 
-def parse_allowed_callers(env: Mapping[str, str]) -> frozenset[str]:
-    callers = frozenset(c.strip().lower() for c in env.get("ALLOWED_CALLERS", "").split(",") if c.strip())
+def _tenant_app(env: Mapping[str, str], tenants: TenantDirectory, client_id: str | None) -> str | None:
+    """The multi-tenant app registration customers consented to; needed exactly when TENANTS is set.
+    Only a user-assigned identity can be its federated credential (Entra Workload ID docs)."""
+    app = _get(env, "TENANT_APP_CLIENT_ID", "").lower() or None
+    if not tenants.customers:
+        return app
+    if app is None or not re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", app):
+        raise SettingsError(
+            f"TENANTS is set, so TENANT_APP_CLIENT_ID must be the multi-tenant app registration's client id "
+            f"(a GUID); got {app!r}"
+        )
+    if client_id is None:
+        raise SettingsError(
+            "TENANTS is set, so AZURE_CLIENT_ID must name a user-assigned managed identity: only a "
+            "user-assigned identity can be the app registration's federated credential"
+        )
+    return app
+
+
+def parse_authority_host(raw: str) -> str:
+    """Entra's authority: https on a known login host, or a loopback address (https still: the SDK
+    refuses anything else) for the local stack."""
+    url = urlsplit(raw)
+    host = (url.hostname or "").lower()
+    known = {urlsplit(h).hostname for h in AUTHORITY_HOSTS.values()}
+    plain = url.scheme == "https" and url.path in ("", "/") and not url.query and not url.username
+    if plain and (host in known or _is_loopback(host)):
+        return raw.rstrip("/")
+    raise SettingsError(
+        "AZURE_AUTHORITY_HOST must be https://login.microsoftonline.com, https://login.microsoftonline.us "
+        f"or an https loopback address, with no path; got {raw!r}"
+    )
+
+
+def parse_allowed_callers(env: Mapping[str, str], tenants: TenantDirectory | None = None) -> CallerPolicy:
+    callers = parse_callers(env.get("ALLOWED_CALLERS", ""), tenants or TenantDirectory.build(None, ()))
     # The caller header can be trusted only when the platform's authentication strips forged ones.
-    if callers and not platform_authentication(env):
+    if callers.allowed and not platform_authentication(env):
         raise SettingsError(
             "ALLOWED_CALLERS is set but App Service Authentication is off (neither WEBSITE_AUTH_ENABLED=True "
             "nor AUTH_CLIENT_ID is set): caller identity cannot be trusted; turn authentication on or unset "
