@@ -207,3 +207,71 @@ def test_a_function_with_a_bad_setting_refuses_to_load(monkeypatch: pytest.Monke
             importlib.reload(CancelMachineAction)  # what the worker does when the host starts
     finally:
         reset_app()
+
+
+TENANT_ENV = {
+    "TENANTS": " Contoso=6D3F0C4A-2B1E-4F5A-8C7D-9E0F1A2B3C4D , fabrikam=a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d",
+    "TENANT_APP_CLIENT_ID": "0d9c8b7a-6f5e-4d3c-2b1a-0f9e8d7c6b5a",
+    "AZURE_CLIENT_ID": "5b1f0e2a-9c47-4d0e-8f6a-2c3d4e5f6a7b",
+}
+
+
+def test_tenants_are_found_by_name_or_id_and_each_has_the_key_of_app_and_tenant() -> None:
+    s = settings(**TENANT_ENV)
+
+    contoso = s.tenants.resolve("CONTOSO")
+    assert contoso == s.tenants.resolve("6d3f0c4a-2b1e-4f5a-8c7d-9e0f1a2b3c4d")
+    assert (contoso.name, contoso.home) == ("contoso", False)
+    assert s.tenants.resolve(None) == s.tenants.resolve("home") and s.tenants.home.home
+    assert s.tenant_rate_limit_key(contoso.id) == f"Public-{TENANT_ENV['TENANT_APP_CLIENT_ID']}-{contoso.id}"
+    assert s.rate_limit_key == f"Public-{TENANT_ENV['AZURE_CLIENT_ID']}"  # the home tenant: unchanged
+
+
+@pytest.mark.parametrize(
+    ("cloud", "authority", "audience"),
+    [
+        ("Public", "https://login.microsoftonline.com", "api://AzureADTokenExchange"),
+        ("GCC", "https://login.microsoftonline.com", "api://AzureADTokenExchange"),
+        ("GCCHigh", "https://login.microsoftonline.us", "api://AzureADTokenExchangeUSGov"),
+        ("DoD", "https://login.microsoftonline.us", "api://AzureADTokenExchangeUSGov"),
+    ],
+)
+def test_each_cloud_has_its_entra_authority_and_exchange_audience(cloud: str, authority: str, audience: str) -> None:
+    s = settings(DEFENDER_CLOUD=cloud, **TENANT_ENV)
+
+    assert (s.authority_host, s.exchange_audience) == (authority, audience)
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"TENANTS": "contoso"}, "TENANTS"),
+        ({"TENANTS": "contoso=not-a-guid"}, "TENANTS"),
+        ({"TENANTS": "home=6d3f0c4a-2b1e-4f5a-8c7d-9e0f1a2b3c4d"}, "TENANTS"),
+        ({"TENANTS": "a=6d3f0c4a-2b1e-4f5a-8c7d-9e0f1a2b3c4d,b=6d3f0c4a-2b1e-4f5a-8c7d-9e0f1a2b3c4d"}, "TENANTS"),
+        ({"TENANT_APP_CLIENT_ID": ""}, "TENANT_APP_CLIENT_ID"),
+        ({"AZURE_CLIENT_ID": ""}, "AZURE_CLIENT_ID"),  # a system-assigned identity cannot be federated
+        ({"HOME_TENANT_ID": "home"}, "HOME_TENANT_ID"),
+        ({"AZURE_AUTHORITY_HOST": "http://127.0.0.1:7082"}, "AZURE_AUTHORITY_HOST"),
+        ({"AZURE_AUTHORITY_HOST": "https://login.evil.example"}, "AZURE_AUTHORITY_HOST"),
+        ({"ALLOWED_CALLERS": "app-1=northwind", "WEBSITE_AUTH_ENABLED": "True"}, "ALLOWED_CALLERS"),
+        ({"ALLOWED_CALLERS": "app-1=", "WEBSITE_AUTH_ENABLED": "True"}, "ALLOWED_CALLERS"),
+    ],
+)
+def test_tenant_settings_that_cannot_work_are_refused_naming_the_setting(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError, match=named):
+        settings(**{**TENANT_ENV, **env})
+
+
+def test_a_caller_may_be_limited_to_tenants_by_name_or_id() -> None:
+    s = settings(
+        **TENANT_ENV,
+        ALLOWED_CALLERS="App-1=contoso|A1B2C3D4-E5F6-4A7B-8C9D-0E1F2A3B4C5D, app-2=home, app-3",
+        WEBSITE_AUTH_ENABLED="True",
+    )
+    contoso, fabrikam, home = (s.tenants.resolve(n) for n in ("contoso", "fabrikam", "home"))
+
+    assert [s.callers.may_act_in({"app-1"}, t) for t in (contoso, fabrikam, home)] == [True, True, False]
+    assert [s.callers.may_act_in({"app-2"}, t) for t in (contoso, fabrikam, home)] == [False, False, True]
+    assert [s.callers.may_act_in({"app-3"}, t) for t in (contoso, fabrikam, home)] == [True, True, True]
+    assert not s.callers.may_act_in({"app-4"}, home)

@@ -1,0 +1,288 @@
+"""Many tenants from one deployment, through the real azure-identity credentials: the identity
+endpoint, the loopback Entra token endpoint over TLS, and the simulator serving tenants by `tid`."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import azure.functions as func
+import pytest
+from azure.data.tables import TableClient
+
+from localdev.azurite import Azurite
+from localdev.defender import DefenderSimulator, Fault
+from localdev.entra import EntraEndpoint, FederatedCredential
+from localdev.identity import ISSUER_HOST, IdentityEndpoint, object_id
+from localdev.queuehost import QueueFunction
+from localdev.stack import LOCAL_IDENTITY, LOCAL_TENANT_APP, federate
+from shared import queue_api
+from tests.conftest import TOKEN_SECRET, body_of, http_cancel
+from tests.test_callers import principal
+from tests.test_queue import Queues, run_until_results
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTOSO = "6d3f0c4a-2b1e-4f5a-8c7d-9e0f1a2b3c4d"
+FABRIKAM = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
+TENANTS = {"contoso": CONTOSO, "fabrikam": FABRIKAM}
+SOC_A = "aaaaaaaa-0000-4000-8000-00000000000a"  # a playbook of contoso's SOC
+MSSP = "bbbbbbbb-0000-4000-8000-00000000000b"  # the provider's own automation: everywhere
+
+
+@pytest.fixture(scope="session")
+def entra() -> Iterator[EntraEndpoint]:
+    endpoint = EntraEndpoint(token_secret=TOKEN_SECRET).start()
+    yield endpoint
+    endpoint.stop()
+
+
+@pytest.fixture
+def tenants(
+    app_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    entra: EntraEndpoint,
+    identity: IdentityEndpoint,
+    sim: DefenderSimulator,
+) -> dict[str, str]:
+    """The app set up as an MSSP's: two customers consented to the app registration, which trusts
+    the app's user-assigned identity; Defender onboarded in both."""
+    entra.requests.clear()
+    for name, value in federate(entra, identity, TENANTS).items():
+        monkeypatch.setenv(name, value)
+    # A customer's quota key is fixed (app + tenant): each test keeps its logs in a table of its own.
+    monkeypatch.setenv("RATE_LIMIT_TABLE", f"Tenants{secrets.token_hex(6)}")
+    for tenant_id in TENANTS.values():
+        sim.add_tenant(tenant_id)
+    return TENANTS
+
+
+def tenant_cancel(tenant: str, action_id: str, headers: dict[str, str] | None = None) -> func.HttpResponse:
+    from CancelTenantMachineAction import main
+
+    request = func.HttpRequest(
+        method="POST",
+        url=f"http://localhost:7071/api/tenants/{tenant}/machineactions/{action_id}/cancel",
+        route_params={"tenant": tenant, "actionId": action_id},
+        headers=headers or {},
+        body=b'{"Comment": "cancelled for a customer"}',
+    )
+    return main(request)
+
+
+def tenant_quota(tenant: str, headers: dict[str, str] | None = None) -> func.HttpResponse:
+    from GetTenantQuota import main
+
+    request = func.HttpRequest(
+        method="GET",
+        url=f"http://localhost:7071/api/tenants/{tenant}/quota",
+        route_params={"tenant": tenant},
+        headers=headers or {},
+        body=b"",
+    )
+    return main(request)
+
+
+def exchange_requests(identity: IdentityEndpoint) -> int:
+    return sum(1 for r in identity.requests if r.get("resource") == "api://AzureADTokenExchange")
+
+
+def test_each_tenant_cancels_its_own_action_with_a_token_of_its_own(
+    tenants: dict[str, str], sim: DefenderSimulator
+) -> None:
+    home = sim.add_action()
+    contoso, fabrikam = sim.add_action(tenant=CONTOSO), sim.add_action(tenant=FABRIKAM)
+
+    by_name = tenant_cancel("contoso", contoso)
+    by_id = tenant_cancel(FABRIKAM.upper(), fabrikam)  # a tenant by its id, any case
+    at_home = http_cancel(home)
+    elsewhere = tenant_cancel("fabrikam", sim.add_action(tenant=CONTOSO))  # contoso's action, fabrikam's route
+
+    assert [r.status_code for r in (by_name, by_id, at_home, elsewhere)] == [200, 200, 200, 404]
+    assert body_of(by_name)["status"] == "Cancelled" and body_of(elsewhere)["error"]["code"] == "ResourceNotFound"
+    calls = [(c.tenant, c.app) for c in sim.calls()]
+    assert calls == [
+        (CONTOSO, LOCAL_TENANT_APP),
+        (FABRIKAM, LOCAL_TENANT_APP),
+        (sim.home_tenant, LOCAL_IDENTITY),  # the home tenant: the identity itself, as before
+        (FABRIKAM, LOCAL_TENANT_APP),
+    ]
+
+
+def test_one_token_request_per_tenant_per_lifetime_under_concurrency(
+    tenants: dict[str, str], sim: DefenderSimulator, entra: EntraEndpoint, identity: IdentityEndpoint
+) -> None:
+    actions = [(name, sim.add_action(tenant=tenant_id)) for _ in range(15) for name, tenant_id in TENANTS.items()]
+    statuses: list[int] = []
+    start = threading.Barrier(6)
+
+    def worker(share: list[tuple[str, str]]) -> None:
+        start.wait()
+        statuses.extend(tenant_cancel(name, action).status_code for name, action in share)
+
+    threads = [threading.Thread(target=worker, args=(actions[i::6],)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert statuses.count(200) == 30
+    assert (entra.issued(CONTOSO), entra.issued(FABRIKAM)) == (1, 1)
+    assert exchange_requests(identity) == 1  # one assertion from the identity serves both exchanges
+
+
+def test_an_unknown_tenant_is_404_with_no_token_request_and_no_upstream_call(
+    tenants: dict[str, str], sim: DefenderSimulator, entra: EntraEndpoint, identity: IdentityEndpoint
+) -> None:
+    response = tenant_cancel("northwind", sim.add_action(tenant=CONTOSO))
+    quota = tenant_quota("northwind")
+
+    assert (response.status_code, quota.status_code) == (404, 404)
+    assert body_of(response)["error"]["code"] == "TenantNotFound"
+    assert (len(entra.requests), len(identity.requests), sim.calls("")) == (0, 0, [])
+
+
+@pytest.fixture
+def limited_callers(tenants: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEBSITE_AUTH_ENABLED", "True")
+    monkeypatch.setenv("ALLOWED_CALLERS", f"{SOC_A}=contoso, {MSSP}")
+
+
+def caller(app_id: str) -> dict[str, str]:
+    return {"X-MS-CLIENT-PRINCIPAL": principal(appid=app_id)}
+
+
+def test_a_caller_limited_to_one_tenant_gets_403_elsewhere_before_any_token(
+    limited_callers: None, sim: DefenderSimulator, entra: EntraEndpoint, identity: IdentityEndpoint
+) -> None:
+    other = sim.add_action(tenant=FABRIKAM)
+
+    refused = [
+        tenant_cancel("fabrikam", other, caller(SOC_A)),
+        tenant_cancel(FABRIKAM, other, caller(SOC_A)),
+        http_cancel(sim.add_action(), headers=caller(SOC_A)),  # the home tenant is not contoso either
+        tenant_cancel("northwind", other, caller(SOC_A)),  # unknown: 403 too, no list of customers
+        tenant_quota("fabrikam", caller(SOC_A)),
+    ]
+
+    assert [r.status_code for r in refused] == [403] * 5
+    assert {body_of(r)["error"]["code"] for r in refused} == {"Forbidden"}
+    assert (len(entra.requests), len(identity.requests), sim.calls("")) == (0, 0, [])
+    assert tenant_cancel("contoso", sim.add_action(tenant=CONTOSO), caller(SOC_A)).status_code == 200
+    assert tenant_cancel("northwind", other, caller(MSSP)).status_code == 404  # unlimited callers learn it
+    assert tenant_cancel("fabrikam", other, caller(MSSP)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("claim", "code"),
+    [("issuer", "AADSTS700211"), ("subject", "AADSTS700213"), ("audience", "AADSTS700212")],
+)
+def test_a_wrong_federated_credential_is_502_naming_entras_code_and_nothing_is_sent(
+    tenants: dict[str, str],
+    sim: DefenderSimulator,
+    entra: EntraEndpoint,
+    identity: IdentityEndpoint,
+    claim: str,
+    code: str,
+) -> None:
+    right = {
+        "issuer": f"{ISSUER_HOST}/{identity.home_tenant}/v2.0",
+        "subject": object_id(LOCAL_IDENTITY),
+        "audience": "api://AzureADTokenExchange",
+    }
+    wrong = {
+        "issuer": f"{ISSUER_HOST}/{CONTOSO}/v2.0",
+        "subject": LOCAL_IDENTITY,
+        "audience": "api://AzureADTokenExchangeUSGov",
+    }
+    entra.register(LOCAL_TENANT_APP, FederatedCredential(**{**right, claim: wrong[claim]}))
+
+    response = tenant_cancel("contoso", sim.add_action(tenant=CONTOSO))
+
+    assert response.status_code == 502
+    error = body_of(response)["error"]
+    assert error["code"] == "TokenUnavailable" and code in error["message"] and "contoso" in error["message"]
+    assert sim.calls("") == []
+
+
+def test_each_tenant_has_its_own_quota_and_a_defender_429_holds_only_its_tenant(
+    tenants: dict[str, str], sim: DefenderSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RATE_LIMITS", "3/30")
+    monkeypatch.setenv("RATE_LIMIT_SAFETY_MS", "0")
+    contoso = [tenant_cancel("contoso", sim.add_action(tenant=CONTOSO)).status_code for _ in range(4)]
+    fabrikam_first = tenant_cancel("fabrikam", sim.add_action(tenant=FABRIKAM)).status_code
+    sim.inject(Fault("status", status=429, retry_after=30))
+    fabrikam_throttled = tenant_cancel("fabrikam", sim.add_action(tenant=FABRIKAM))
+    fabrikam_held = tenant_cancel("fabrikam", sim.add_action(tenant=FABRIKAM))
+    home = http_cancel(sim.add_action())
+
+    assert contoso == [200, 200, 200, 429]  # the 4th never left: contoso's own windows are full
+    assert (fabrikam_first, fabrikam_throttled.status_code, fabrikam_held.status_code) == (200, 429, 429)
+    assert body_of(fabrikam_held)["error"]["code"] == "TooManyRequests"  # held locally, not sent
+    assert home.status_code == 200  # fabrikam's 429 holds fabrikam only
+    assert len(sim.calls(tenant=FABRIKAM)) == 2 and len(sim.calls(tenant=CONTOSO)) == 3
+    used = {name: body_of(tenant_quota(name))["windows"][0]["used"] for name in TENANTS}
+    assert used == {"contoso": 3, "fabrikam": 2}
+    assert body_of(tenant_quota("fabrikam"))["blockedUntil"] is not None
+    assert body_of(tenant_quota("contoso"))["blockedUntil"] is None
+
+
+def test_an_idempotency_key_is_scoped_by_tenant(tenants: dict[str, str], sim: DefenderSimulator) -> None:
+    key = {"Idempotency-Key": "INC-4711"}
+    contoso, fabrikam = sim.add_action(tenant=CONTOSO), sim.add_action(tenant=FABRIKAM)
+
+    first = tenant_cancel("contoso", contoso, key)
+    other_tenant = tenant_cancel("fabrikam", fabrikam, key)  # not "reused for another action" (422)
+    again = tenant_cancel("contoso", contoso, key)
+
+    assert (first.status_code, other_tenant.status_code, again.status_code) == (200, 200, 200)
+    assert again.headers.get("Idempotent-Replayed") == "true" and "Idempotent-Replayed" not in other_tenant.headers
+    assert len(sim.calls()) == 2
+
+
+def test_audit_rows_name_the_tenant(tenants: dict[str, str], sim: DefenderSimulator, azurite: Azurite) -> None:
+    action = sim.add_action(tenant=FABRIKAM)
+    tenant_cancel("fabrikam", action)
+
+    table = TableClient.from_connection_string(azurite.connection_string, "CancelAudit")
+    rows = list(table.query_entities("PartitionKey eq @pk", parameters={"pk": action}))
+    assert [(r["TenantId"], r["UpstreamStatus"]) for r in rows] == [(FABRIKAM, 200)]
+
+
+def test_queue_messages_name_their_tenant_and_results_carry_it(
+    tenants: dict[str, str], sim: DefenderSimulator, azurite: Azurite
+) -> None:
+    queues = Queues(azurite.connection_string)
+    host = QueueFunction(ROOT / "CancelMachineActionQueue", azurite.connection_string, visibility_timeout=0.2)
+    fabrikam, home = sim.add_action(tenant=FABRIKAM), sim.add_action()
+    queues.put({"machineActionId": fabrikam, "comment": "q", "correlationId": "t-1", "tenantId": "fabrikam"})
+    queues.put({"machineActionId": home, "comment": "q", "correlationId": "t-2"})
+    queues.put({"machineActionId": home, "comment": "q", "correlationId": "t-3", "tenantId": "northwind"})
+
+    results = {r["correlationId"]: r for r in run_until_results(host, queues, 3)}
+
+    assert (results["t-1"]["outcome"], results["t-1"]["tenantId"], results["t-1"]["status"]) == (
+        "cancelled",
+        FABRIKAM,
+        200,
+    )
+    assert (results["t-2"]["outcome"], results["t-2"]["tenantId"]) == ("cancelled", sim.home_tenant)
+    assert results["t-3"]["outcome"] == "rejected" and results["t-3"]["body"]["error"]["code"] == "TenantNotFound"
+    assert sorted(c.tenant for c in sim.calls()) == sorted([FABRIKAM, sim.home_tenant])
+    assert queues.count(queue_api.QUEUE + "-poison") == 0
+
+
+def test_a_deferred_copy_keeps_its_tenant() -> None:
+    message = queue_api.parse_message(
+        json.dumps(
+            {"machineActionId": "988cc94e-7a8f-4b28-ab65-54970c5d5018", "comment": "c", "tenantId": "contoso"}
+        ).encode(),
+        "msg-1",
+    )
+
+    again = queue_api.parse_message(json.dumps(message.deferred(1)).encode(), "msg-2")
+
+    assert (again.tenant_ref, again.message_id) == ("contoso", "msg-1")
