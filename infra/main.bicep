@@ -104,6 +104,12 @@ param authClientId string = ''
 // Flex Consumption's documented range for the maximum instance count has been 40 to 1000
 // (learn.microsoft.com, event-driven-scaling "Limit scale-out"); a newer revision says 1 to 1000.
 // 40 is valid under both, so values below it are refused here rather than late by the platform.
+@description('Customer tenants this deployment cancels in, as name=tenantId pairs (TENANTS). Empty = the home tenant only.')
+param tenants string = ''
+@description('Client id of an existing multi-tenant app registration the customers consent to (TENANT_APP_CLIENT_ID). Ignored when manageTenantApp creates one.')
+param tenantAppClientId string = ''
+@description('Create the multi-tenant app registration and its federated credential with the Microsoft Graph Bicep extension (needs Application.ReadWrite.All).')
+param manageTenantApp bool = false
 @description('Hosting plan: flex (Flex Consumption, identity-only storage) or premium (Elastic Premium EP1, with a key-based content share). Azure Government always runs premium: it has no Flex Consumption.')
 @allowed(['flex', 'premium'])
 param planKind string = 'flex'
@@ -159,6 +165,16 @@ module monitoring 'app/monitoring.bicep' = {
   }
 }
 
+module tenantApp 'app/tenant-app.bicep' = if (manageTenantApp) {
+  name: 'tenant-app'
+  scope: rg
+  params: {
+    uniqueName: 'cancel-machine-action-${resourceToken}'
+    displayName: 'Cancel Machine Action (${environmentName})'
+    identityPrincipalId: identity.outputs.principalId
+  }
+}
+var tenantAppId = manageTenantApp ? tenantApp.outputs.appId : tenantAppClientId
 module rbac 'app/rbac.bicep' = {
   name: 'rbac'
   scope: rg
@@ -197,6 +213,11 @@ var contractSettings = {
   RATE_LIMIT_TABLE: 'CancelRateLimit'
   IDEMPOTENCY_TABLE: 'CancelIdempotency'
   IDEMPOTENCY_LEASE_SECONDS: '360'
+  TENANTS: tenants
+  TENANT_APP_CLIENT_ID: tenantAppId
+  HOME_TENANT_ID: tenant().tenantId
+  AZURE_AUTHORITY_HOST: '' // by cloud (the app reads DEFENDER_CLOUD)
+  TOKEN_EXCHANGE_AUDIENCE: '' // by cloud
 }
 
 module api 'app/api.bicep' = if (!usePremium) {
@@ -243,3 +264,5 @@ output FUNCTION_APP_URL string = usePremium ? apiPremium.outputs.uri : api.outpu
 output PLAN_KIND string = usePremium ? 'premium' : 'flex'
 output IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
 output IDENTITY_CLIENT_ID string = identity.outputs.clientId
+output TENANT_APP_CLIENT_ID string = tenantAppId
+output HOME_TENANT_ID string = tenant().tenantId

@@ -367,3 +367,34 @@ def test_the_connector_document_for_entra_mode_asks_for_a_token_and_sends_the_ke
         for op in ops.values():
             key = [p for p in op["parameters"] if p["name"] == "x-functions-key"]
             assert key and key[0]["in"] == "header" and key[0]["required"] is True
+
+
+def test_every_setting_the_app_reads_is_deployed_documented_and_in_the_local_sample() -> None:
+    source = (ROOT / "shared/settings.py").read_text()
+    read = set(re.findall(r'_(?:get|int|seconds|table|partition_key)\(env, "([A-Z_]+)"', source))
+    bicep, local = bicep_app_settings(), json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
+    readme = readme_defaults()
+
+    assert {"TENANTS", "TENANT_APP_CLIENT_ID", "HOME_TENANT_ID", "AZURE_AUTHORITY_HOST"} <= read
+    assert not read - set(bicep), read - set(bicep)
+    assert not read - set(local), read - set(local)
+    assert not read - set(readme), read - set(readme)
+
+
+def test_bicep_federates_the_identity_with_the_tenant_app_when_it_manages_it() -> None:
+    module = (ROOT / "infra/app/tenant-app.bicep").read_text()
+    config = json.loads((ROOT / "infra/bicepconfig.json").read_text())
+
+    assert config["extensions"]["microsoftGraphV1"].startswith(
+        "br:mcr.microsoft.com/bicep/extensions/microsoftgraph/v1.0:"
+    )
+    assert "extension microsoftGraphV1" in module and "signInAudience: 'AzureADMultipleOrgs'" in module
+    assert (
+        "subject: identityPrincipalId" in module
+        and "'${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'" in module
+    )
+    assert "api://AzureADTokenExchangeUSGov" in module and "fc780465-2017-40d4-a0c5-307022471b92" in module
+    assert "module tenantApp 'app/tenant-app.bicep' = if (manageTenantApp)" in MAIN
+    assert "identityPrincipalId: identity.outputs.principalId" in MAIN
+    assert bicep_app_settings()["TENANT_APP_CLIENT_ID"] == "tenantAppId"
+    assert bicep_app_settings()["HOME_TENANT_ID"] == "tenant().tenantId"

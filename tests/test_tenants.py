@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -286,3 +287,78 @@ def test_a_deferred_copy_keeps_its_tenant() -> None:
     again = queue_api.parse_message(json.dumps(message.deferred(1)).encode(), "msg-2")
 
     assert (again.tenant_ref, again.message_id) == ("contoso", "msg-1")
+
+
+ONBOARD = ROOT / "infra/onboard-tenant.sh"
+KEY = "onboarding-test-key"
+
+
+@pytest.fixture
+def served(tenants: dict[str, str], azurite: Azurite) -> Iterator[str]:
+    """The app behind the local Functions host on a free loopback port, as the script reaches it."""
+    from localdev.funchost import FunctionHost
+
+    host = FunctionHost(ROOT, azurite.connection_string, {KEY}, port=0).start()
+    yield f"http://127.0.0.1:{host.port}"
+    host.stop()
+
+
+def onboard(*args: str, key: str | None = KEY) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", **({"FUNCTION_KEY": key} if key else {})}
+    return subprocess.run(["bash", str(ONBOARD), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_onboarding_prints_the_consent_url_then_finds_the_tenant_ready(served: str, sim: DefenderSimulator) -> None:
+    run = onboard(
+        "--tenant", CONTOSO, "--app-client-id", LOCAL_TENANT_APP, "--function-url", served, "--name", "contoso"
+    )
+
+    assert run.returncode == 0, run.stderr
+    assert f"https://login.microsoftonline.com/{CONTOSO}/adminconsent?client_id={LOCAL_TENANT_APP}" in run.stdout
+    assert "2. ok" in run.stdout and KEY not in run.stdout + run.stderr
+    [probe] = sim.calls()
+    assert probe.tenant == CONTOSO and probe.status == 404  # the nil action: Defender took the token
+
+
+def test_onboarding_names_what_is_missing(
+    served: str, entra: EntraEndpoint, identity: IdentityEndpoint, sim: DefenderSimulator
+) -> None:
+    entra.apps[LOCAL_TENANT_APP].consented.pop(FABRIKAM)
+    not_consented = onboard("--tenant", FABRIKAM, "--app-client-id", LOCAL_TENANT_APP, "--function-url", served,
+                            "--name", "fabrikam")  # fmt: skip
+    not_configured = onboard("--tenant", CONTOSO, "--app-client-id", LOCAL_TENANT_APP, "--function-url", served,
+                             "--name", "northwind")  # fmt: skip
+    entra.register(LOCAL_TENANT_APP, FederatedCredential(f"{ISSUER_HOST}/{identity.home_tenant}/v2.0", LOCAL_IDENTITY))
+    wrong_subject = onboard("--tenant", CONTOSO, "--app-client-id", LOCAL_TENANT_APP, "--function-url", served,
+                            "--name", "contoso")  # fmt: skip
+
+    assert [r.returncode for r in (not_consented, not_configured, wrong_subject)] == [2, 2, 2]
+    assert "no consent in" in not_consented.stderr and "AADSTS700016" in not_consented.stderr
+    assert "add northwind=" in not_configured.stderr
+    assert "federated credential does not match" in wrong_subject.stderr and "AADSTS700213" in wrong_subject.stderr
+    assert sim.calls("") == []
+
+
+def test_onboarding_dry_run_prints_every_call_and_never_the_key() -> None:
+    run = onboard("--tenant", CONTOSO, "--app-client-id", LOCAL_TENANT_APP, "--cloud", "GCCHigh", "--function-url",
+                  "https://func-x.azurewebsites.us", "--name", "contoso", "--dry-run")  # fmt: skip
+
+    assert run.returncode == 0
+    assert run.stdout.splitlines() == [
+        f"1. the customer's admin opens: https://login.microsoftonline.us/{CONTOSO}/adminconsent?client_id={LOCAL_TENANT_APP}",
+        "2. POST https://func-x.azurewebsites.us/api/tenants/contoso/machineactions/00000000-0000-0000-0000-000000000000/cancel",
+        "   x-functions-key: <FUNCTION_KEY>",
+        '   {"Comment": "onboarding check"}',
+    ]
+    assert KEY not in run.stdout
+
+
+def test_the_powershell_onboarding_script_makes_the_same_calls() -> None:
+    """No PowerShell here: the .ps1 is held to the .sh by the calls and verdicts they share."""
+    sh, ps1 = ONBOARD.read_text(), ONBOARD.with_suffix(".ps1").read_text()
+
+    for shared in ("/adminconsent?client_id=", "/api/tenants/", "00000000-0000-0000-0000-000000000000",
+                   '{"Comment": "onboarding check"}', "x-functions-key", "ResourceNotFound", "TenantNotFound",
+                   "TokenUnavailable", "AADSTS700016", "AADSTS70021:", "https://login.microsoftonline.us",
+                   "FUNCTION_KEY>"):  # fmt: skip
+        assert shared in sh and shared in ps1, shared
