@@ -38,6 +38,7 @@ bench: deps tools
 	$(PY) -m bench.overhead
 	$(PY) -m bench.limiter
 	$(PY) -m bench.queue
+	$(PY) -m bench.tenants
 
 clean:
 	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache .ruff_cache bench/results

@@ -5,7 +5,9 @@ environment, so several of them are several function instances sharing one quota
 line: the statuses it got and how long each admission took.
 
 Strategies: `shared` is the app as deployed; `fixed` swaps in a naive fixed-window counter kept in
-the same table; `none` has no limiter and, like a naive client, retries after Defender's 429.
+the same table; `none` has no limiter and, like a naive client, retries after Defender's 429;
+`one-key` gives every tenant the home tenant's limiter, as one deployment with one quota key for
+all its tenants would. `--tenant NAME` calls the tenant route (TENANTS) instead of the home one.
 """
 
 from __future__ import annotations
@@ -25,23 +27,26 @@ from bench.strategies import FixedWindowLimiter
 ACTION_IDS = 2000
 
 
-def request(action_id: str) -> func.HttpRequest:
+def request(action_id: str, tenant: str | None = None) -> func.HttpRequest:
+    prefix = f"/api/tenants/{tenant}" if tenant else "/api"
     return func.HttpRequest(
         method="POST",
-        url=f"/api/machineactions/{action_id}/cancel",
-        route_params={"actionId": action_id},
+        url=f"{prefix}/machineactions/{action_id}/cancel",
+        route_params={"actionId": action_id, **({"tenant": tenant} if tenant else {})},
         headers={},
         body=b'{"Comment": "load"}',
     )
 
 
-def instrument(strategy: str, acquire_ms: list[float]) -> None:
+def instrument(strategy: str, acquire_ms: list[float], tenant: str | None = None) -> None:
     """Time every admission (and swap the limiter for the comparison strategies). The token is not
     fetched ahead: each instance's first call pays for it, as a cold instance on Azure does."""
     from shared.app import get_app
 
     app = get_app()
-    service: Any = app.service
+    service: Any = app.of(app.settings.tenants.resolve(tenant)).service
+    if strategy == "one-key":
+        service._gate = app.home.limiter
     if strategy == "fixed":
         service._gate = FixedWindowLimiter.from_settings(app.settings)
     elif strategy == "none":
@@ -70,21 +75,24 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--start-at", type=float, required=True, help="epoch seconds: first call")
     parser.add_argument("--until", type=float, required=True, help="epoch seconds: no new call after")
-    parser.add_argument("--strategy", choices=["shared", "fixed", "none"], default="shared")
+    parser.add_argument("--strategy", choices=["shared", "fixed", "none", "one-key"], default="shared")
+    parser.add_argument("--tenant", default=None, help="a TENANTS name: call its route")
     parser.add_argument("--clock-skew-ms", type=float, default=0.0, help="run this instance's clock ahead (or behind)")
     args = parser.parse_args()
     if args.clock_skew_ms:
         skew_clock(args.clock_skew_ms / 1000)
-    from CancelMachineAction import main as cancel
+    from CancelMachineAction import main as home_cancel
+    from CancelTenantMachineAction import main as tenant_cancel
 
+    cancel = tenant_cancel if args.tenant else home_cancel
     acquire_ms: list[float] = []
-    instrument(args.strategy, acquire_ms)
+    instrument(args.strategy, acquire_ms, args.tenant)
     statuses: Counter[int] = Counter()
     # Every instance starts at the same moment, warmed up (settings, token, tables), so the run
     # measures the limiter and not interpreter start-up.
     time.sleep(max(0.0, args.start_at - time.time() + args.clock_skew_ms / 1000))
     while time.time() - args.clock_skew_ms / 1000 < args.until:
-        response = cancel(request(str(uuid.uuid4())))
+        response = cancel(request(str(uuid.uuid4()), args.tenant))
         statuses[response.status_code] += 1
         if args.strategy == "none" and response.status_code == 429:
             # a naive client: believe Retry-After, but do not outlive the run

@@ -1,4 +1,5 @@
-"""The test rig: real Azurite, the loopback identity endpoint and the Defender simulator.
+"""The test rig: real Azurite, the loopback identity endpoint, Entra's token endpoint and the Defender
+simulator.
 
 Servers listen on free loopback ports picked here, never on the standard ones.
 """
@@ -17,6 +18,7 @@ from hypothesis import settings
 
 from localdev.azurite import Azurite, free_port
 from localdev.defender import DefenderSimulator
+from localdev.entra import EntraEndpoint
 from localdev.identity import IdentityEndpoint
 from shared.app import reset_app
 
@@ -48,6 +50,14 @@ def own_azurite() -> Iterator[Azurite]:
 @pytest.fixture(scope="session")
 def identity() -> Iterator[IdentityEndpoint]:
     endpoint = IdentityEndpoint(token_secret=TOKEN_SECRET).start()
+    yield endpoint
+    endpoint.stop()
+
+
+@pytest.fixture(scope="session")
+def entra() -> Iterator[EntraEndpoint]:
+    """Entra's token endpoint on loopback, over TLS with a CA of its own (localdev.entra)."""
+    endpoint = EntraEndpoint(token_secret=TOKEN_SECRET).start()
     yield endpoint
     endpoint.stop()
 

@@ -13,10 +13,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_instances(
-    env: dict[str, str], count: int, start: float, until: float, strategy: str = "shared", skew_ms: float = 0.0
+    env: dict[str, str],
+    count: int,
+    start: float,
+    until: float,
+    strategy: str = "shared",
+    skew_ms: float = 0.0,
+    tenant: str | None = None,
 ) -> list[subprocess.Popen[str]]:
     command = [sys.executable, "-m", "bench.hammer", "--start-at", str(start), "--until", str(until),
                "--strategy", strategy, "--clock-skew-ms", str(skew_ms)]  # fmt: skip
+    if tenant:
+        command += ["--tenant", tenant]
     return [
         subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(count)

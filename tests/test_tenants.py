@@ -21,7 +21,7 @@ from localdev.identity import ISSUER_HOST, IdentityEndpoint, object_id
 from localdev.queuehost import QueueFunction
 from localdev.stack import LOCAL_IDENTITY, LOCAL_TENANT_APP, federate
 from shared import queue_api
-from tests.conftest import TOKEN_SECRET, body_of, http_cancel
+from tests.conftest import body_of, http_cancel
 from tests.test_callers import principal
 from tests.test_queue import Queues, run_until_results
 
@@ -31,13 +31,6 @@ FABRIKAM = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
 TENANTS = {"contoso": CONTOSO, "fabrikam": FABRIKAM}
 SOC_A = "aaaaaaaa-0000-4000-8000-00000000000a"  # a playbook of contoso's SOC
 MSSP = "bbbbbbbb-0000-4000-8000-00000000000b"  # the provider's own automation: everywhere
-
-
-@pytest.fixture(scope="session")
-def entra() -> Iterator[EntraEndpoint]:
-    endpoint = EntraEndpoint(token_secret=TOKEN_SECRET).start()
-    yield endpoint
-    endpoint.stop()
 
 
 @pytest.fixture
