@@ -39,7 +39,7 @@ def stack() -> Iterator[dict[str, Any]]:
     command = [
         sys.executable, "-m", "localdev.stack", "--local-host", "--seed", "4",
         "--port", str(free_port()), "--defender-port", str(free_port()), "--identity-port", str(free_port()),
-        "--azurite-ports", ",".join(map(str, azurite_ports)),
+        "--entra-port", str(free_port()), "--azurite-ports", ",".join(map(str, azurite_ports)),
     ]  # fmt: skip
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
@@ -103,6 +103,22 @@ def test_the_key_is_accepted_as_code_query_and_quota_answers(stack: dict[str, An
 
     assert response.status_code == 200
     assert [w["limit"] for w in response.json()["windows"]] == [100, 1500]
+
+
+def test_the_quick_start_cancels_in_both_seeded_tenants_with_a_quota_each(stack: dict[str, Any]) -> None:
+    answers = {}
+    for name, ids in stack["tenantActions"].items():
+        url = f"{stack['app']}/api/tenants/{name}/machineactions/{ids[0]}/cancel"
+        headers = {"x-functions-key": KEY}
+        answers[name] = requests.post(url, json={"Comment": "quick start"}, headers=headers, timeout=30)
+    quota = requests.get(f"{stack['app']}/api/tenants/contoso/quota", params={"code": KEY}, timeout=30).json()
+
+    assert {name: (r.status_code, r.json()["status"]) for name, r in answers.items()} == {
+        "contoso": (200, "Cancelled"),
+        "fabrikam": (200, "Cancelled"),
+    }
+    assert quota["tenant"] == {"name": "contoso", "id": stack["tenants"]["contoso"]}
+    assert quota["windows"][0]["used"] == 1 and stack["tenants"]["contoso"] in quota["key"]
 
 
 def test_a_queue_message_produces_its_result_message(stack: dict[str, Any]) -> None:

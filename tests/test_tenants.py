@@ -355,3 +355,15 @@ def test_the_powershell_onboarding_script_makes_the_same_calls() -> None:
                    "TokenUnavailable", "AADSTS700016", "AADSTS70021:", "https://login.microsoftonline.us",
                    "FUNCTION_KEY>"):  # fmt: skip
         assert shared in sh and shared in ps1, shared
+
+
+def test_defender_refuses_a_tenant_it_does_not_serve_and_the_answer_passes_through(
+    tenants: dict[str, str], sim: DefenderSimulator
+) -> None:
+    action = sim.add_action(tenant=FABRIKAM)
+    sim.tenants.discard(FABRIKAM)  # consented in Entra, but Defender is not onboarded there
+
+    response = tenant_cancel("fabrikam", action)
+
+    assert response.status_code == 403 and body_of(response)["error"]["code"] == "Forbidden"
+    assert [(c.tenant, c.status) for c in sim.calls()] == [(FABRIKAM, 403)]
