@@ -61,14 +61,14 @@ def quota(request_headers: Mapping[str, str], tenant_ref: str | None = None) -> 
     try:
         settings = get_settings()
         tenant = caller_tenant(request_headers, settings.callers, settings.tenants, tenant_ref)
-        quota = get_app().of(tenant)
-        windows, blocked_until = quota.limiter.stats()
+        path = get_app().of(tenant)
+        windows, blocked_until = path.limiter.stats()
     except AppError as exc:
         return error_reply(exc, correlation, headers)
     now = time.time()
     body = {
         "tenant": {"name": tenant.name, "id": tenant.id},
-        "key": quota.rate_limit_key,
+        "key": path.rate_limit_key,
         "windows": [
             {
                 "limit": w.limit,

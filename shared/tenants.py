@@ -68,12 +68,14 @@ class TenantDirectory:
 
     def resolve(self, ref: str | None) -> Tenant:
         """The tenant a route or message names (None: the home tenant); 404 when none is configured."""
-        if ref is None:
-            return self.home
-        tenant = self.find(ref)
+        tenant = self.home if ref is None else self.find(ref)
         if tenant is None:
-            raise TenantNotFound(f"No tenant {ref[:64]!r} is configured in TENANTS")
+            raise not_found(ref)
         return tenant
+
+
+def not_found(ref: str | None) -> TenantNotFound:
+    return TenantNotFound(f"No tenant {str(ref)[:64]!r} is configured in TENANTS")
 
 
 def parse_tenants(raw: str, home_id: str | None) -> TenantDirectory:
@@ -114,9 +116,9 @@ class CallerPolicy:
     def tenant_for(self, caller_ids: set[str], tenants: TenantDirectory, ref: str | None) -> Tenant:
         """The tenant `ref` names, if this caller may act in it. A caller limited to some tenants
         gets 403 for every other name, configured or not, so it cannot list an MSSP's customers."""
-        tenant = tenants.find(ref) if ref is not None else tenants.home
+        tenant = tenants.home if ref is None else tenants.find(ref)
         if tenant is None and self.everywhere(caller_ids):
-            tenants.resolve(ref)  # raises TenantNotFound (404)
+            raise not_found(ref)
         if tenant is None or not self.may_act_in(caller_ids, tenant):
             raise TenantForbidden("The caller may not act in this tenant (ALLOWED_CALLERS)")
         return tenant
