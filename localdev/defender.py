@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from localdev import tokens
 from localdev.identity import HOME_TENANT
@@ -37,6 +38,10 @@ OPEN_STATES = ("Pending", "InProgress")
 ACTION_TYPES = ("Isolate", "RunAntiVirusScan", "CollectInvestigationPackage", "LiveResponse", "RestrictCodeExecution")
 _CANCEL = re.compile(r"/api/machineactions/([^/]+)/cancel")
 _ACTION = re.compile(r"/api/machineactions/([^/]+)")
+_LIST = "/api/machineactions"
+READ_ROLES = ("Machine.Read.All", "Machine.ReadWrite.All")
+FILTER_FIELDS = ("id", "status", "machineId", "type", "requestor")
+_CLAUSE = re.compile(r"\s*(\w+)\s+eq\s+'([^']*)'\s*")
 _GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -61,6 +66,7 @@ class Call:
     response: str = ""  # the answer's body as sent (first 64 KiB)
     tenant: str = ""  # the token's tenant (tid), when it had a valid one
     app: str = ""  # the token's app (appid)
+    api: str = ""  # "cancel", "list" or "get": each has its own rate windows, as Defender lists them
 
 
 @dataclass
@@ -76,6 +82,9 @@ class Fault:
 class SimulatorState:
     actions: dict[str, dict[str, Any]] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)  # action id -> its tenant
+    # action id -> (when it finishes on its own, as what): to race a cancel
+    finishes: dict[str, tuple[float, str]] = field(default_factory=dict)
+    cancels: dict[str, float] = field(default_factory=dict)  # action id -> when an accepted cancel takes effect
     calls: list[Call] = field(default_factory=list)
     admitted: dict[str, deque[float]] = field(default_factory=dict)  # per app|tenant: arrivals the windows count
     fault: Fault | None = None
@@ -89,8 +98,14 @@ class DefenderSimulator:
         audience: str = PUBLIC_AUDIENCE,
         token_secret: str = tokens.DEFAULT_SECRET,
         home_tenant: str = HOME_TENANT,
+        page_size: int = 10_000,
+        api_windows: dict[str, tuple[tuple[int, float], ...]] | None = None,
+        cancel_takes: float = 0.0,
     ) -> None:
         self.home_tenant = home_tenant
+        self.page_size = page_size  # server-driven paging: at most this many per page, then @odata.nextLink
+        self.api_windows = {k: tuple(sorted(v, key=lambda w: w[1])) for k, v in (api_windows or {}).items()}
+        self.cancel_takes = cancel_takes  # an accepted cancel shows as Cancelled only this much later
         self.tenants = {home_tenant}  # onboarded to Defender
         self.windows = tuple(sorted(windows, key=lambda w: w[1]))
         self.audience = audience
@@ -129,7 +144,12 @@ class DefenderSimulator:
         action_type: str = "Isolate",
         action_id: str | None = None,
         tenant: str | None = None,
+        machine_id: str | None = None,
+        finish_after: float | None = None,
+        finish_as: str = "Succeeded",
     ) -> str:
+        """An action; with `finish_after`, it ends as `finish_as` that many seconds from now unless a
+        cancel took effect first."""
         action_id = action_id or str(uuid.uuid4())
         created = _now_iso()
         entity: dict[str, Any] = {
@@ -140,7 +160,7 @@ class DefenderSimulator:
             "requestor": "SOC-Automation",
             "requestorComment": f"{action_type} requested by the simulator seed",
             "status": status,
-            "machineId": uuid.uuid4().hex + uuid.uuid4().hex[:8],
+            "machineId": machine_id or uuid.uuid4().hex + uuid.uuid4().hex[:8],
             "computerDnsName": f"desktop-{action_id[:6]}",
             "creationDateTimeUtc": created,
             "lastUpdateDateTimeUtc": created,
@@ -158,6 +178,8 @@ class DefenderSimulator:
         with self._lock:
             self.state.actions[action_id] = entity
             self.state.owners[action_id] = (tenant or self.home_tenant).lower()
+            if finish_after is not None:
+                self.state.finishes[action_id] = (time.time() + finish_after, finish_as)
         return action_id
 
     def seed(self, count: int, rng: random.Random | None = None, tenant: str | None = None) -> list[str]:
@@ -176,19 +198,31 @@ class DefenderSimulator:
         with self._lock:
             self.state.fault = fault
 
-    def calls(self, path_contains: str = "/cancel", tenant: str | None = None) -> list[Call]:
+    def calls(self, path_contains: str = "/cancel", tenant: str | None = None, api: str | None = None) -> list[Call]:
         with self._lock:
-            return [c for c in self.state.calls if path_contains in c.path and tenant in (None, c.tenant)]
+            return [
+                c
+                for c in self.state.calls
+                if path_contains in c.path and tenant in (None, c.tenant) and api in (None, c.api)
+            ]
+
+    def status_of(self, action_id: str) -> str:
+        with self._lock:
+            self._settle(action_id)
+            return str(self.state.actions[action_id]["status"])
 
     def reset(self) -> None:
         with self._lock:
-            self.state = SimulatorState(actions=self.state.actions, owners=self.state.owners)
+            self.state = SimulatorState(
+                actions=self.state.actions, owners=self.state.owners, finishes=self.state.finishes
+            )
 
     # --- request handling ------------------------------------------------------------------
     def handle(self, request: Request) -> Response | None:
         if request.path.startswith("/_sim/"):
             return self._admin(request)
         call = Call(time.time(), request.method, request.path, request.headers.get("Authorization", ""), "")
+        call.api = _api(request)
         call.body = request.body.decode("utf-8", "replace")[:1000]
         with self._lock:
             self.state.calls.append(call)
@@ -206,22 +240,54 @@ class DefenderSimulator:
         call.tenant, call.app = str(claims.get("tid", "")), str(claims.get("appid", ""))
         if call.tenant not in self.tenants:
             return _error(403, "Forbidden", f"Tenant {call.tenant!r} is not onboarded to Defender for Endpoint"), None
-        throttled = self._check_rate(f"{call.app}|{call.tenant}")
+        throttled = self._check_rate(f"{call.api}|{call.app}|{call.tenant}", self.api_windows.get(call.api))
         if throttled:
             return throttled, None
+        if call.api in ("list", "get") and not _may_read(claims):
+            message = f"Missing application roles. API required roles: {', '.join(READ_ROLES)}"
+            return _error(403, "Forbidden", message), None
         fault = self._take_fault()
         if fault and fault.mode not in ("slow", "acted"):  # a failing front end answers without acting
             return Response(0), fault
         cancel = _CANCEL.fullmatch(request.path)
         if cancel and request.method == "POST":
             return self._cancel(cancel.group(1), request.body, call.tenant), fault
+        if call.api == "list":
+            return self._list(request, call.tenant), fault
         action = _ACTION.fullmatch(request.path)
         if action and request.method == "GET":
             entity = self._find(action.group(1), call.tenant)
             if entity is None:
                 return _error(404, "ResourceNotFound", f"Machine action {action.group(1)} was not found"), fault
-            return Response(200, entity), fault
+            return Response(200, dict(entity)), fault
         return _error(404, "NotFound", "Resource not found"), fault
+
+    def _list(self, request: Request, tenant: str) -> Response:
+        """OData `$filter` (eq clauses on FILTER_FIELDS, joined by and/or, in parentheses), `$top`,
+        `$skip`; server-driven pages of `page_size` with `@odata.nextLink`."""
+        try:
+            match = parse_filter(request.query.get("$filter", ""))
+            top = _whole(request.query.get("$top"), 10_000)
+            skip = _whole(request.query.get("$skip"), 0)
+        except ValueError as exc:
+            return _error(400, "InvalidRequest", f"Invalid OData query: {exc}")
+        found = []
+        for action_id, owner in self.state.owners.items():
+            if owner == tenant:
+                self._settle(action_id)
+                entity = self.state.actions[action_id]
+                if match(entity):
+                    found.append(entity)
+        found.sort(key=lambda e: (e["creationDateTimeUtc"], e["id"]))
+        page = found[skip : skip + min(top, self.page_size)]
+        body: dict[str, Any] = {"@odata.context": f"{PUBLIC_AUDIENCE}/api/$metadata#MachineActions",
+                                "value": [dict(e) for e in page]}  # fmt: skip
+        if len(page) < top and skip + len(page) < len(found):
+            query = {"$skip": str(skip + len(page)), "$top": str(top - len(page))}
+            if request.query.get("$filter"):
+                query["$filter"] = request.query["$filter"]
+            body["@odata.nextLink"] = f"{self.base_url}{_LIST}?{urlencode(query)}"
+        return Response(200, body)
 
     def _check_token(self, authorization: str) -> dict[str, Any] | Response:
         if not authorization.startswith("Bearer ") or not authorization[7:].strip():
@@ -236,15 +302,32 @@ class DefenderSimulator:
     def _find(self, raw_id: str, tenant: str) -> dict[str, Any] | None:
         """An action of this tenant; another tenant's is as unknown as a made-up id."""
         action_id = raw_id.lower()
-        return self.state.actions.get(action_id) if self.state.owners.get(action_id) == tenant else None
+        if self.state.owners.get(action_id) != tenant:
+            return None
+        self._settle(action_id)
+        return self.state.actions[action_id]
 
-    def _check_rate(self, key: str) -> Response | None:
+    def _settle(self, action_id: str) -> None:
+        """Let time act: an accepted cancel or the action's own end, whichever came first."""
+        entity = self.state.actions[action_id]
+        if entity["status"] in FINAL_STATES:
+            return
         now = time.time()
+        ends = [(at, how) for at, how in (self.state.finishes.get(action_id, (math.inf, "")),) if at <= now]
+        cancel_at = self.state.cancels.get(action_id, math.inf)
+        if cancel_at <= now and (not ends or cancel_at <= ends[0][0]):
+            entity.update(status="Cancelled", lastUpdateDateTimeUtc=_now_iso())
+        elif ends:
+            entity.update(status=ends[0][1], lastUpdateDateTimeUtc=_now_iso())
+
+    def _check_rate(self, key: str, windows: tuple[tuple[int, float], ...] | None = None) -> Response | None:
+        now = time.time()
+        windows = windows or self.windows
         admitted = self.state.admitted.setdefault(key, deque())
-        longest = self.windows[-1][1]
+        longest = windows[-1][1]
         while admitted and admitted[0] <= now - longest:
             admitted.popleft()
-        for limit, seconds in self.windows:
+        for limit, seconds in windows:
             in_window = [t for t in admitted if t > now - seconds]
             if len(in_window) >= limit:
                 wait = max(1, math.ceil(in_window[-limit] + seconds - now))
@@ -277,18 +360,20 @@ class DefenderSimulator:
         entity = self._find(raw_id, tenant)
         if entity is None:
             return _error(404, "ResourceNotFound", f"Machine action {raw_id} was not found")
+        self._settle(entity["id"])
         if entity["status"] in FINAL_STATES:
             return _error(
                 400, "BadRequest", f"Machine action {raw_id} is already {entity['status']} and cannot be canceled"
             )
         now = _now_iso()
         entity.update(
-            status="Cancelled",
             lastUpdateDateTimeUtc=now,
             cancellationRequestor="cancel-machine-action-function",
             cancellationComment=payload["Comment"],
             cancellationDateTimeUtc=now,
         )
+        self.state.cancels.setdefault(entity["id"], time.time() + self.cancel_takes)
+        self._settle(entity["id"])
         return Response(200, dict(entity))
 
     def _apply_fault(self, fault: Fault | None, response: Response) -> Response | None:
@@ -339,6 +424,52 @@ class DefenderSimulator:
             self.reset()
             return Response(204)
         return Response(404, {"error": {"code": "NotFound", "message": "unknown admin route"}})
+
+
+def _api(request: Request) -> str:
+    if request.method == "POST" and _CANCEL.fullmatch(request.path):
+        return "cancel"
+    if request.method == "GET" and request.path == _LIST:
+        return "list"
+    if request.method == "GET" and _ACTION.fullmatch(request.path):
+        return "get"
+    return "other"
+
+
+def _may_read(claims: dict[str, Any]) -> bool:
+    """Reads need Machine.Read.All (or ReadWrite); tokens without a roles claim (the local identity
+    endpoint's) are taken as granted."""
+    roles = claims.get("roles")
+    return roles is None or any(r in READ_ROLES for r in roles)
+
+
+def _whole(raw: str | None, default: int) -> int:
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) > 10_000:
+        raise ValueError(f"{raw!r} is not a whole number up to 10000")
+    return int(raw)
+
+
+def parse_filter(raw: str) -> Any:
+    """An OData `$filter` of `field eq 'value'` clauses: `and` between terms, `or` inside parentheses.
+    Returns a predicate on an entity; ValueError for anything else."""
+    terms = [t.strip() for t in re.split(r"\s+and\s+", raw.strip())] if raw.strip() else []
+    groups: list[list[tuple[str, str]]] = []
+    for term in terms:
+        inner = term[1:-1] if term.startswith("(") and term.endswith(")") else term
+        clauses = []
+        for clause in re.split(r"\s+or\s+", inner):
+            found = _CLAUSE.fullmatch(clause)
+            if not found or found.group(1) not in FILTER_FIELDS:
+                raise ValueError(f"unsupported clause {clause.strip()!r}")
+            clauses.append((found.group(1), found.group(2)))
+        groups.append(clauses)
+
+    def match(entity: dict[str, Any]) -> bool:
+        return all(any(str(entity.get(f, "")).lower() == v.lower() for f, v in group) for group in groups)
+
+    return match
 
 
 def parse_windows(raw: str) -> tuple[tuple[int, float], ...]:
