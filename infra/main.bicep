@@ -83,6 +83,10 @@ param defenderTokenScope string = ''
 @description('Rolling rate windows, COUNT/SECONDS comma list (RATE_LIMITS).')
 param rateLimits string = '100/60,1500/3600'
 
+@description('Rolling windows of the list API\'s quota (LIST_RATE_LIMITS), for cancelPendingActions.')
+param listRateLimits string = '100/60,1500/3600'
+@description('Rolling windows of the get API\'s quota (GET_RATE_LIMITS), for verify.')
+param getRateLimits string = '100/60,1500/3600'
 @description('The shared quota key (RATE_LIMIT_KEY). Empty = cloud + identity.')
 param rateLimitKey string = ''
 
@@ -204,6 +208,9 @@ var contractSettings = {
   AZURE_CLIENT_ID: identity.outputs.clientId
   STATE_STORAGE: 'AzureWebJobsStorage'
   RATE_LIMITS: rateLimits
+  LIST_RATE_LIMITS: listRateLimits
+  GET_RATE_LIMITS: getRateLimits
+  VERIFY_SECONDS: '30'
   RATE_LIMIT_KEY: rateLimitKey
   RATE_LIMIT_SAFETY_MS: string(rateLimitSafetyMs)
   HTTP_MAX_WAIT_SECONDS: string(httpMaxWaitSeconds)

@@ -30,3 +30,15 @@ def max_allowed(span: float, windows: Sequence[tuple[int, float]]) -> int:
         if t > span + 1e-9:
             return len(times)
         times.append(t)
+
+
+def earliest(count: int, windows: Sequence[tuple[int, float]]) -> float:
+    """The least time from the first of `count` calls to the last that the windows allow."""
+    times: list[float] = []
+    t = 0.0
+    while len(times) < count:
+        for limit, seconds in windows:
+            if len(times) >= limit:
+                t = max(t, times[-limit] + seconds)
+        times.append(t)
+    return times[-1]

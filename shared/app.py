@@ -12,7 +12,7 @@ from shared.audit import AuditLog
 from shared.defender import DefenderClient, RequestsTransport
 from shared.ratelimit import RateLimiter
 from shared.service import CancelService
-from shared.settings import Settings
+from shared.settings import APIS, Settings
 from shared.storage import queue_client, table_client
 from shared.tenants import Tenant
 from shared.token import TokenProvider, identity_assertion, managed_identity, tenant_credential
@@ -20,12 +20,29 @@ from shared.token import TokenProvider, identity_assertion, managed_identity, te
 
 @dataclass(frozen=True)
 class TenantApp:
-    """One tenant's cancel path: its own tokens, quota (limiter) and service."""
+    """One tenant's path to Defender: its own tokens, a quota per Defender API (cancel, list, get:
+    each its own log), and the service."""
 
     tenant: Tenant
     service: CancelService
-    limiter: RateLimiter
-    rate_limit_key: str
+    quotas: Mapping[str, RateLimiter]  # by API (shared.settings.APIS)
+    rate_limit_key: str  # the cancel quota's; the others append -list / -get
+
+    @property
+    def limiter(self) -> RateLimiter:
+        return self.quotas["cancel"]
+
+    @property
+    def defender(self) -> DefenderClient:
+        return self.service.defender
+
+    def quota_key(self, api: str) -> str:
+        return quota_key(self.rate_limit_key, api)
+
+
+def quota_key(cancel_key: str, api: str) -> str:
+    """The cancel quota keeps its key (its log survives an upgrade); the read APIs get their own."""
+    return cancel_key if api == "cancel" else f"{cancel_key}-{api}"
 
 
 @dataclass(frozen=True)
@@ -96,11 +113,15 @@ def build_app(settings: Settings) -> App:
         table_client(settings.storage, settings.idempotency_table), settings.idempotency_lease_seconds
     )
 
+    def quota(api: str, key: str) -> RateLimiter:
+        return RateLimiter(TableSlidingLog(log_table, key), settings.quota_windows(api), settings.safety_ms)
+
     def tenant_app(tenant: Tenant, tokens: TokenProvider, key: str) -> TenantApp:
         defender = DefenderClient(settings.api_base_url, tokens, settings.timeout_seconds, transport=transport)
-        limiter = RateLimiter(TableSlidingLog(log_table, key), settings.rate_limits, settings.safety_ms)
-        service = CancelService(defender, audit, limiter, answers, settings.timeout_seconds, tenant=tenant)
-        return TenantApp(tenant, service, limiter, key)
+        quotas = {api: quota(api, quota_key(key, api)) for api in APIS}
+        service = CancelService(defender, audit, quotas["cancel"], answers, settings.timeout_seconds, tenant=tenant,
+                                reads=quotas["get"], verify_seconds=settings.verify_seconds)  # fmt: skip
+        return TenantApp(tenant, service, quotas, key)
 
     home = settings.tenants.home
     home_tokens = TokenProvider(settings.token_scope, credential=identity)

@@ -15,13 +15,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from shared.storage import recreating_table
+from shared.validation import MAX_COMMENT_CHARS
 
 if TYPE_CHECKING:
     from azure.data.tables import TableClient
 
 logger = logging.getLogger(__name__)
 
-MAX_COMMENT_CHARS = 4096
 _TICKS_MAX = 10**19
 
 

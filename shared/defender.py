@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -99,6 +100,9 @@ class Transport(Protocol):
     ) -> tuple[int, bytes, Mapping[str, str]]:
         """Status, body and headers; raises NotSent, UpstreamTimeout or UpstreamUnavailable."""
 
+    def get(self, url: str, headers: Mapping[str, str], deadline: float) -> tuple[int, bytes, Mapping[str, str]]:
+        """The same for a GET (a read: safe to lose, never OutcomeUnknown)."""
+
 
 class DefenderClient:
     def __init__(
@@ -132,7 +136,31 @@ class DefenderClient:
         `max_wait` bounds the first attempt's wait for a slot (QuotaExceeded past it); retries take
         only a slot free now. `on_send` is told of each request about to leave."""
         url = f"{self._base_url}/api/machineactions/{action_id}/cancel"
-        payload = json.dumps({"Comment": comment})
+        return self._send(url, json.dumps({"Comment": comment}), gate, max_wait, on_send)
+
+    def get_action(self, action_id: str, gate: QuotaGate | None = None, max_wait: float = 0.0) -> UpstreamReply:
+        """GET /api/machineactions/{id} (needs Machine.Read.All); on the get quota."""
+        return self._send(f"{self._base_url}/api/machineactions/{action_id}", None, gate, max_wait)
+
+    def list_page(self, url: str, gate: QuotaGate | None = None, max_wait: float = 0.0) -> UpstreamReply:
+        """One page of GET /api/machineactions: the first (`?$filter=...`) or an `@odata.nextLink`,
+        which must point at our own API root: the bearer token never goes anywhere else."""
+        if not url.startswith(self._base_url + "/api/machineactions?"):
+            raise UpstreamUnavailable("Defender's next page link points outside the Defender API root")
+        return self._send(url, None, gate, max_wait)
+
+    def list_url(self, odata_filter: str) -> str:
+        return f"{self._base_url}/api/machineactions?{urlencode({'$filter': odata_filter})}"
+
+    def _send(
+        self,
+        url: str,
+        payload: str | None,
+        gate: QuotaGate | None,
+        max_wait: float,
+        on_send: Callable[[], None] | None = None,
+    ) -> UpstreamReply:
+        """One request under the policy: a POST when there is a payload, else a GET."""
         reply: UpstreamReply | None = None
         deadline: float | None = None  # set by the first attempt that reaches for the wire
         for attempt in range(1, self._retry.max_attempts + 1):
@@ -148,7 +176,11 @@ class DefenderClient:
                 if on_send is not None:
                     on_send()
                 deadline = deadline or self._monotonic() + self._budget  # the budget starts at the send
-                status, raw, headers = self._post(url, payload, token, deadline)
+                status, raw, headers = (
+                    self._post(url, payload, token, deadline)
+                    if payload is not None
+                    else self._transport.get(url, _headers(token, json_body=False), deadline)
+                )
             except NotSent:
                 deadline = deadline or self._monotonic() + self._budget
                 continue
@@ -181,8 +213,11 @@ class DefenderClient:
             permit = gate.acquire(0.0, spent=permit.entries)
 
 
-def _headers(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+def _headers(token: str, json_body: bool = True) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {token}"}
+    if json_body:
+        headers["Content-Type"] = "application/json"
+    return headers
 
 
 class RequestsTransport:
@@ -215,9 +250,18 @@ class RequestsTransport:
     def post(
         self, url: str, payload: str, headers: Mapping[str, str], deadline: float
     ) -> tuple[int, bytes, Mapping[str, str]]:
+        return self._request("POST", url, payload, headers, deadline)
+
+    def get(self, url: str, headers: Mapping[str, str], deadline: float) -> tuple[int, bytes, Mapping[str, str]]:
+        return self._request("GET", url, None, headers, deadline)
+
+    def _request(
+        self, method: str, url: str, payload: str | None, headers: Mapping[str, str], deadline: float
+    ) -> tuple[int, bytes, Mapping[str, str]]:
         remaining = max(0.001, deadline - time.monotonic())
         try:
-            with self._session.post(
+            with self._session.request(
+                method,
                 url,
                 data=payload,
                 headers=dict(headers),

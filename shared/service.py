@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from shared import defender
@@ -16,6 +16,11 @@ from shared.tenants import HOME, Tenant
 from shared.validation import CancelCommand
 
 logger = logging.getLogger(__name__)
+
+FINAL_STATUSES = frozenset({"Succeeded", "Failed", "TimeOut", "Cancelled"})  # Defender's, for an action
+VERIFIED_ANSWERS = frozenset({200, 400})  # cancelled, or "already final": worth reading back
+FIRST_POLL_SECONDS = 0.5
+MAX_POLL_SECONDS = 4.0
 
 
 class QuotaGate(defender.QuotaGate, Protocol):
@@ -65,6 +70,8 @@ class CancelResult:
     request_id: str | None = None
     attempts: int = 0
     replayed: bool = False
+    verified_status: str | None = None  # with verify: the action's status as read back (or "Unverified")
+    verified_body: Any = None  # ... and Defender's answer to that read
 
 
 def settles(status: int) -> bool:
@@ -83,19 +90,64 @@ class CancelService:
         budget_seconds: float = 30.0,
         monotonic: Callable[[], float] = time.monotonic,
         tenant: Tenant | None = None,
+        reads: defender.QuotaGate | None = None,
+        verify_seconds: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._tenant = tenant or Tenant(HOME, HOME, home=True)
         self._defender = defender
+        self._reads = reads  # the get quota, for verify
+        self._verify_seconds = verify_seconds
+        self._sleep = sleep
         self._audit = audit
         self._gate = gate
         self._answers = answers
         self._budget = budget_seconds
         self._monotonic = monotonic
 
+    @property
+    def defender(self) -> DefenderClient:
+        return self._defender
+
+    @property
+    def tenant(self) -> Tenant:
+        return self._tenant
+
     def cancel(self, command: CancelCommand, max_wait: float = 0.0) -> CancelResult:
-        """Cancel one machine action, at most once per idempotency key.
+        """Cancel one machine action, at most once per idempotency key; with `command.verify`, then
+        read it back until it is final or VERIFY_SECONDS pass.
 
         Raises AppError subclasses when Defender gave no answer (quota, state store, network)."""
+        result = self._cancel_once(command, max_wait)
+        if command.verify and result.status in VERIFIED_ANSWERS:
+            return self.verify(command.action_id, result)
+        return result
+
+    def verify(self, action_id: str, result: CancelResult, until: float | None = None) -> CancelResult:
+        """What Defender really ended with: a cancel can race the action's own end, and a 200 does
+        not mean the action is Cancelled yet. Reads on the get quota, backing off 0.5 s to 4 s, for
+        VERIFY_SECONDS (or until `until`, a monotonic time, when that comes first)."""
+        deadline = self._monotonic() + self._verify_seconds
+        deadline = deadline if until is None else min(deadline, until)
+        pause, status, body = FIRST_POLL_SECONDS, "Unverified", None
+        while True:
+            try:
+                reply = self._defender.get_action(action_id, self._reads, max(0.0, deadline - self._monotonic()))
+            except AppError as exc:  # no slot in time, or no answer: unverified
+                body = error_body(exc.code, exc.message)
+                break
+            body = reply.body
+            read = body.get("status") if reply.status == 200 and isinstance(body, dict) else None
+            if read is None:  # e.g. 403: the app lacks Machine.Read.All; Defender's answer says so
+                break
+            status = str(read)
+            if status in FINAL_STATUSES or self._monotonic() + pause > deadline:
+                break
+            self._sleep(pause)
+            pause = min(pause * 2, MAX_POLL_SECONDS)
+        return replace(result, verified_status=status, verified_body=body)
+
+    def _cancel_once(self, command: CancelCommand, max_wait: float) -> CancelResult:
         key = self._scoped(command.idempotency_key)
         if key is None or self._answers is None:
             return self._call(command, max_wait, None)

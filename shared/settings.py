@@ -73,7 +73,9 @@ KNOWN_DEFENDER_HOSTS = frozenset(
     }
 )
 
-DEFAULT_RATE_LIMITS = "100/60,1500/3600"
+DEFAULT_RATE_LIMITS = "100/60,1500/3600"  # Defender's, for each of cancel, list and get (per app + tenant)
+DEFAULT_VERIFY_SECONDS = 30.0
+APIS = ("cancel", "list", "get")  # each Defender API the app calls has its own quota
 DEFAULT_SAFETY_MS = 1000
 QUEUE_CONNECTION = "AzureWebJobsStorage"
 HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
@@ -126,7 +128,7 @@ class Settings:
     storage: StorageConnection
     queue_storage: StorageConnection  # the queue trigger's connection (AzureWebJobsStorage)
     max_dequeue_count: int
-    rate_limits: tuple[RateWindow, ...]
+    rate_limits: tuple[RateWindow, ...]  # the cancel quota
     rate_limit_key: str
     safety_ms: int
     http_max_wait_seconds: float
@@ -136,6 +138,9 @@ class Settings:
     rate_limit_table: str
     idempotency_table: str
     idempotency_lease_seconds: float
+    list_rate_limits: tuple[RateWindow, ...] = ()
+    get_rate_limits: tuple[RateWindow, ...] = ()
+    verify_seconds: float = DEFAULT_VERIFY_SECONDS
     tenants: TenantDirectory = field(default_factory=lambda: TenantDirectory.build(None, ()))
     tenant_app_client_id: str | None = None
     authority_host: str = AUTHORITY_HOSTS["Public"]
@@ -144,6 +149,11 @@ class Settings:
     @property
     def allowed_callers(self) -> frozenset[str]:
         return self.callers.allowed
+
+    def quota_windows(self, api: str) -> tuple[RateWindow, ...]:
+        """The windows of one Defender API's quota (APIS): RATE_LIMITS is the cancel quota."""
+        chosen = {"cancel": self.rate_limits, "list": self.list_rate_limits, "get": self.get_rate_limits}[api]
+        return chosen or self.rate_limits
 
     def tenant_rate_limit_key(self, tenant_id: str) -> str:
         """A customer tenant's quota: Defender counts per app (the registration) and tenant."""
@@ -173,6 +183,9 @@ class Settings:
             queue_storage=parse_storage_connection(env, QUEUE_CONNECTION, service="queue"),
             max_dequeue_count=host_max_dequeue_count(),
             rate_limits=parse_rate_limits(_get(env, "RATE_LIMITS", DEFAULT_RATE_LIMITS)),
+            list_rate_limits=parse_rate_limits(_get(env, "LIST_RATE_LIMITS", DEFAULT_RATE_LIMITS), "LIST_RATE_LIMITS"),
+            get_rate_limits=parse_rate_limits(_get(env, "GET_RATE_LIMITS", DEFAULT_RATE_LIMITS), "GET_RATE_LIMITS"),
+            verify_seconds=_seconds(env, "VERIFY_SECONDS", DEFAULT_VERIFY_SECONDS),
             rate_limit_key=_partition_key(env, "RATE_LIMIT_KEY", f"{cloud}-{client_id or 'system'}"),
             safety_ms=_int(env, "RATE_LIMIT_SAFETY_MS", DEFAULT_SAFETY_MS),
             http_max_wait_seconds=_seconds(env, "HTTP_MAX_WAIT_SECONDS", 0.0),
@@ -203,11 +216,14 @@ def check_consistent(settings: Settings) -> Settings:
             f"a slot (HTTP_MAX_WAIT_SECONDS or the queue's {QUEUE_INLINE_WAIT_SECONDS:g} s, here {longest_wait:g}) "
             f"plus DEFENDER_TIMEOUT_SECONDS ({settings.timeout_seconds:g}): a live holder would be overtaken"
         )
-    if settings.http_max_wait_seconds + settings.timeout_seconds > HTTP_RESPONSE_LIMIT_SECONDS:
+    if (
+        settings.http_max_wait_seconds + settings.timeout_seconds + settings.verify_seconds
+        > HTTP_RESPONSE_LIMIT_SECONDS
+    ):
         raise SettingsError(
             f"HTTP_MAX_WAIT_SECONDS ({settings.http_max_wait_seconds:g}) plus DEFENDER_TIMEOUT_SECONDS "
-            f"({settings.timeout_seconds:g}) must be at most {HTTP_RESPONSE_LIMIT_SECONDS:g} s, the longest an "
-            "HTTP-triggered function may take to answer on Azure"
+            f"({settings.timeout_seconds:g}) plus VERIFY_SECONDS ({settings.verify_seconds:g}) must be at most "
+            f"{HTTP_RESPONSE_LIMIT_SECONDS:g} s, the longest an HTTP-triggered function may take to answer on Azure"
         )
     return settings
 
@@ -247,21 +263,21 @@ def _table(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
-def parse_rate_limits(raw: str) -> tuple[RateWindow, ...]:
+def parse_rate_limits(raw: str, name: str = "RATE_LIMITS") -> tuple[RateWindow, ...]:
     """`COUNT/SECONDS[,COUNT/SECONDS...]`, e.g. `100/60,1500/3600`; sorted shortest window first."""
     windows = []
     for part in raw.split(","):
         match = _WINDOW.fullmatch(part)
         if not match or int(match.group(1)) < 1 or float(match.group(2)) <= 0:
             raise SettingsError(
-                "RATE_LIMITS must be a comma list of COUNT/SECONDS windows with COUNT >= 1 and "
+                f"{name} must be a comma list of COUNT/SECONDS windows with COUNT >= 1 and "
                 f"SECONDS > 0, e.g. {DEFAULT_RATE_LIMITS}; got {raw!r}"
             )
         windows.append(RateWindow(int(match.group(1)), float(match.group(2))))
     windows.sort(key=lambda w: w.seconds)
     if windows[-1].limit > MAX_LOGGED_CALLS:
         # The limiter keeps the longest window's calls in one Table entity (64 KiB of int64).
-        raise SettingsError(f"RATE_LIMITS: the longest window may allow at most {MAX_LOGGED_CALLS} calls; got {raw!r}")
+        raise SettingsError(f"{name}: the longest window may allow at most {MAX_LOGGED_CALLS} calls; got {raw!r}")
     return tuple(windows)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from shared.errors import InvalidRequest
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_COMMENT_CHARS = 4096  # openapi.json's maxLength; the audit record keeps it whole
 _GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as the IETF draft's examples
@@ -22,8 +23,9 @@ class CancelCommand:
     action_id: str  # canonical lower-case GUID: safe to put in the upstream path
     comment: str
     correlation_id: str
-    source: str  # "http" or "queue"
+    source: str  # "http", "queue" or "bulk"
     idempotency_key: str | None = None
+    verify: bool = False  # read the action back after Defender's answer (shared.service)
 
 
 def parse_action_id(raw: object) -> str:
@@ -41,6 +43,8 @@ def parse_comment(payload: Mapping[str, Any]) -> str:
     comment = payload[key]
     if not isinstance(comment, str) or not comment.strip():
         raise InvalidRequest("'Comment' must be a non-empty string", code="InvalidRequestBody")
+    if len(comment) > MAX_COMMENT_CHARS:
+        raise InvalidRequest(f"'Comment' must be at most {MAX_COMMENT_CHARS} characters", code="InvalidRequestBody")
     return comment
 
 
@@ -79,6 +83,11 @@ def http_key(caller_scope: str, key: str) -> str:
     return f"http|{caller_scope}|{key}"
 
 
+def bulk_key(caller_scope: str, key: str, action_id: str) -> str:
+    """One action of a bulk cancel sent with an Idempotency-Key: a repeat replays it."""
+    return f"bulk|{caller_scope}|{key}|{action_id}"
+
+
 def queue_key(correlation: str | None, action_id: str, message_id: str | None) -> str | None:
     if correlation:
         return f"queue|correlation|{correlation}|{action_id}"
@@ -90,6 +99,16 @@ def parse_http_cancel(
 ) -> CancelCommand:
     """Validate an HTTP cancel; raises InvalidRequest before anything is sent upstream."""
     action = parse_action_id(action_id)
-    comment = parse_comment(parse_json_object(body))
+    payload = parse_json_object(body)
+    comment = parse_comment(payload)
     key = parse_idempotency_key(idempotency_key)
-    return CancelCommand(action, comment, correlation, "http", http_key(caller_scope, key) if key else None)
+    scoped = http_key(caller_scope, key) if key else None
+    return CancelCommand(action, comment, correlation, "http", scoped, parse_flag(payload, "verify"))
+
+
+def parse_flag(payload: Mapping[str, Any], name: str) -> bool:
+    """An optional boolean field (false when absent)."""
+    value = payload.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{name}' must be true or false", code="InvalidRequestBody")
+    return value

@@ -98,6 +98,8 @@ def test_a_wrong_value_fails_naming_the_setting(env: dict[str, str], names: str)
          "IDEMPOTENCY_LEASE_SECONDS", "HTTP_MAX_WAIT_SECONDS"),
         ({"HTTP_MAX_WAIT_SECONDS": "200", "DEFENDER_TIMEOUT_SECONDS": "31"}, "HTTP_MAX_WAIT_SECONDS",
          "DEFENDER_TIMEOUT_SECONDS"),
+        ({"HTTP_MAX_WAIT_SECONDS": "150", "DEFENDER_TIMEOUT_SECONDS": "30", "VERIFY_SECONDS": "60"},
+         "HTTP_MAX_WAIT_SECONDS", "VERIFY_SECONDS"),
     ],
 )  # fmt: skip
 def test_settings_that_contradict_each_other_are_refused_naming_both(

@@ -324,6 +324,9 @@ class Transport:
             return 429, b'{"error": {"code": "TooManyRequests", "message": "slow down"}}', {"Retry-After": "1"}
         return status, b'{"id": "%s", "status": "x"}' % action_id.encode(), {}
 
+    def get(self, url: str, headers: Mapping[str, str], deadline: float) -> tuple[int, bytes, Mapping[str, str]]:
+        raise NotImplementedError("the virtual world models cancels only")
+
 
 def violations(arrivals: Sequence[float], windows: Sequence[tuple[int, float]]) -> int:
     from localdev.windows import violations as judge

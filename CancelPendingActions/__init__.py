@@ -1,0 +1,17 @@
+"""HTTP trigger: POST /api/machines/{machineId}/cancelPendingActions, every open action of a machine."""
+
+import json
+
+import azure.functions as func
+
+from shared import http_api
+from shared.app import get_settings
+
+get_settings()  # a bad setting stops the function from loading; the host logs which one, at start
+
+
+def main(req: func.HttpRequest) -> func.HttpResponse:
+    reply = http_api.cancel_pending(req.route_params.get("machineId", ""), req.get_body(), req.headers)
+    return func.HttpResponse(
+        json.dumps(reply.body), status_code=reply.status, headers=reply.headers, mimetype="application/json"
+    )

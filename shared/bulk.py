@@ -1,0 +1,186 @@
+"""Cancel what is pending on one machine: list its open actions (the list quota, page by page),
+cancel each through the cancel path (the cancel quota, idempotency, audit), optionally read each
+back (the get quota), and sum up what Defender answered.
+
+Listing needs `Machine.Read.All` (or `Machine.ReadWrite.All`); cancelling needs one `Machine.*`
+action role, as a single cancel does.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.defender import QuotaGate
+from shared.errors import AppError, InvalidRequest, QuotaExceeded, error_body
+from shared.service import VERIFIED_ANSWERS, CancelResult, CancelService
+from shared.validation import CancelCommand, parse_comment, parse_flag
+
+OPEN_STATUSES = ("Pending", "InProgress")
+CONCURRENCY = 8  # cancels in flight at once (the Defender connection pool holds 16)
+# Defender's machine action types (MachineAction.type in its Swagger and REFERENCE.md).
+ACTION_TYPES = frozenset(
+    {
+        "RunAntiVirusScan", "Offboard", "LiveResponse", "CollectInvestigationPackage", "Isolate", "Unisolate",
+        "StopAndQuarantineFile", "RestrictCodeExecution", "UnrestrictCodeExecution", "RequestSample",
+    }
+)  # fmt: skip
+BULK_FIELDS = frozenset({"Comment", "comment", "types", "dryRun", "verify"})
+READ_ROLES_HINT = "listing a machine's actions needs the app role Machine.Read.All (or Machine.ReadWrite.All)"
+_MACHINE_ID = re.compile(r"[0-9a-fA-F]{40}")
+
+
+@dataclass(frozen=True)
+class BulkRequest:
+    machine_id: str  # Defender's machine id: 40 hex digits, lower case
+    comment: str
+    types: tuple[str, ...] = ()
+    dry_run: bool = False
+    verify: bool = False
+
+    def odata_filter(self) -> str:
+        """The machine's actions that are not final, of the asked types."""
+        status = " or ".join(f"status eq '{s}'" for s in OPEN_STATUSES)
+        terms = [f"machineId eq '{self.machine_id}'", f"({status})"]
+        if self.types:
+            terms.append("(" + " or ".join(f"type eq '{t}'" for t in self.types) + ")")
+        return " and ".join(terms)
+
+
+def parse_machine_id(raw: object) -> str:
+    if not isinstance(raw, str) or not _MACHINE_ID.fullmatch(raw):
+        raise InvalidRequest("The machine id must be Defender's machine id: 40 hexadecimal digits")
+    return raw.lower()
+
+
+def parse_bulk(
+    machine_id: object, payload: Mapping[str, Any], extra_fields: frozenset[str] = frozenset()
+) -> BulkRequest:
+    """Validate a bulk cancel before any call; unknown fields are refused, not ignored."""
+    unknown = sorted(set(payload) - BULK_FIELDS - extra_fields)
+    if unknown:
+        raise InvalidRequest(f"Unknown field(s): {', '.join(unknown)}", code="InvalidRequestBody")
+    types = payload.get("types", [])
+    if not isinstance(types, list) or not all(isinstance(t, str) and t in ACTION_TYPES for t in types):
+        raise InvalidRequest(f"'types' must be a list of {', '.join(sorted(ACTION_TYPES))}", code="InvalidRequestBody")
+    return BulkRequest(
+        parse_machine_id(machine_id),
+        parse_comment(payload),
+        tuple(dict.fromkeys(types)),
+        parse_flag(payload, "dryRun"),
+        parse_flag(payload, "verify"),
+    )
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The open actions, or Defender's refusal (status and body) when the list failed."""
+
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    status: int = 200
+    body: Any = None
+    pages: int = 0
+
+
+def list_pending(
+    service: CancelService, gate: QuotaGate | None, request: BulkRequest, first_wait: float, until: float
+) -> Listing:
+    """Every page of the machine's open actions. The first page waits for the list quota as long as
+    a single call would (`first_wait`, QuotaExceeded past it); the next ones, needed to finish what
+    was started, until `until` (monotonic)."""
+    defender = service.defender
+    url: str | None = defender.list_url(request.odata_filter())
+    actions: list[dict[str, Any]] = []
+    pages = 0
+    while url:
+        reply = defender.list_page(url, gate, first_wait if pages == 0 else max(0.0, until - time.monotonic()))
+        pages += 1
+        value = reply.body.get("value") if reply.status == 200 and isinstance(reply.body, dict) else None
+        if not isinstance(value, list):
+            return Listing(status=reply.status, body=_list_failure(reply.status, reply.body), pages=pages)
+        actions += [a for a in value if isinstance(a, dict) and a.get("status") in OPEN_STATUSES]
+        link = reply.body.get("@odata.nextLink")
+        url = link if isinstance(link, str) else None
+    return Listing(actions, pages=pages)
+
+
+def _list_failure(status: int, body: Any) -> Any:
+    if status == 403:  # name the role the app is missing, keeping Defender's own words
+        said = body.get("error", {}).get("message", "") if isinstance(body, dict) else ""
+        return error_body("Forbidden", f"Defender refused to list: {READ_ROLES_HINT}. Defender said: {said}")
+    return body
+
+
+def item(action: Mapping[str, Any]) -> dict[str, Any]:
+    return {"id": action.get("id"), "type": action.get("type"), "statusBefore": action.get("status")}
+
+
+def outcome_of(status: int | None, body: Any) -> str:
+    """cancelled (2xx), already_final (Defender's 400 for an action that ended meanwhile), failed."""
+    if status is not None and 200 <= status < 300:
+        return "cancelled"
+    if status == 400 and isinstance(body, dict) and "already" in str(body.get("error", {}).get("message", "")):
+        return "already_final"
+    return "failed"
+
+
+def cancel_each(
+    service: CancelService,
+    actions: list[dict[str, Any]],
+    request: BulkRequest,
+    correlation: str,
+    key: Callable[[str], str | None],
+    cancel_until: float,
+    verify_until: float,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> list[dict[str, Any]]:
+    """Cancel every listed action, CONCURRENCY at a time, each waiting for the cancel quota until
+    `cancel_until` (monotonic); the ones the quota cannot serve in time are `not_attempted` (a repeat
+    cancels them: the others are no longer pending). Then, with verify, read each back on the get
+    quota until `verify_until`. Sending a window's burst in parallel keeps the batch within a few
+    milliseconds of the least time the quota allows: the next window opens one window after the
+    first send, and the burst's last send is what delays it."""
+
+    def one(action: dict[str, Any]) -> tuple[dict[str, Any], CancelResult | None]:
+        entry, action_id = item(action), str(action.get("id"))
+        command = CancelCommand(action_id, request.comment, correlation, "bulk", key(action_id))
+        try:
+            result = service.cancel(command, max_wait=max(0.0, cancel_until - monotonic()))
+        except QuotaExceeded as exc:
+            entry.update(outcome="not_attempted", status=429, body=error_body(exc.code, exc.message))
+            return entry, None
+        except AppError as exc:
+            entry.update(outcome="failed", status=exc.status, body=error_body(exc.code, exc.message))
+            return entry, None
+        entry.update(outcome=outcome_of(result.status, result.body), status=result.status, body=result.body)
+        return entry, result
+
+    with ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="bulk") as pool:
+        done = list(pool.map(one, actions))
+    if request.verify:
+        for entry, answered in done:
+            if answered is not None and answered.status in VERIFIED_ANSWERS:
+                entry["verifiedStatus"] = service.verify(str(entry["id"]), answered, verify_until).verified_status
+    return [entry for entry, _ in done]
+
+
+def summary(request: BulkRequest, actions: list[dict[str, Any]], items: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The answer: what was found, and for each what Defender answered (with dryRun: only listed)."""
+    if items is None:
+        items = [{**item(a), "outcome": "listed"} for a in actions]
+    counts = {name: sum(1 for i in items if i["outcome"] == name) for name in
+              ("cancelled", "already_final", "failed", "not_attempted")}  # fmt: skip
+    return {
+        "machineId": request.machine_id,
+        "dryRun": request.dry_run,
+        "found": len(actions),
+        "cancelled": counts["cancelled"],
+        "alreadyFinal": counts["already_final"],
+        "failed": counts["failed"],
+        "notAttempted": counts["not_attempted"],
+        "actions": items,
+    }
