@@ -219,6 +219,7 @@ var contractSettings = {
   AUDIT_TABLE: 'CancelAudit'
   RATE_LIMIT_TABLE: 'CancelRateLimit'
   IDEMPOTENCY_TABLE: 'CancelIdempotency'
+  BULK_TABLE: 'CancelBulkJobs'
   IDEMPOTENCY_LEASE_SECONDS: '360'
   TENANTS: tenants
   TENANT_APP_CLIENT_ID: tenantAppId

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared import redaction
 from shared.audit import AuditLog
@@ -16,6 +16,9 @@ from shared.settings import APIS, Settings
 from shared.storage import queue_client, table_client
 from shared.tenants import Tenant
 from shared.token import TokenProvider, identity_assertion, managed_identity, tenant_credential
+
+if TYPE_CHECKING:
+    from shared.jobs import JobStore
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ def quota_key(cancel_key: str, api: str) -> str:
 class App:
     settings: Settings
     tenants: Mapping[str, TenantApp]  # by tenant id
+    jobs: JobStore  # the queue's bulk jobs
 
     def of(self, tenant: Tenant) -> TenantApp:
         return self.tenants[tenant.id]
@@ -103,6 +107,7 @@ def reset_app() -> None:
 def build_app(settings: Settings) -> App:
     redaction.install()
     from shared.idempotency import IdempotencyStore
+    from shared.jobs import JobStore
     from shared.ratelimit_table import TableSlidingLog
 
     identity = managed_identity(settings.client_id, settings.timeout_seconds)
@@ -132,7 +137,7 @@ def build_app(settings: Settings) -> App:
             settings.token_scope, credential=_customer_credential(settings, tenant, assertion), source=_source(tenant)
         )
         apps[tenant.id] = tenant_app(tenant, tokens, settings.tenant_rate_limit_key(tenant.id))
-    return App(settings, apps)
+    return App(settings, apps, JobStore(table_client(settings.storage, settings.bulk_table)))
 
 
 def _customer_credential(settings: Settings, tenant: Tenant, assertion: Any) -> Any:

@@ -5,9 +5,11 @@ one wins; the other sees it in flight (409 / a deferral) or, once done, replays 
 The winner holds a `Claim` (the record's ETag): `complete` and `release` are conditional on it, so
 a holder that was overtaken can never overwrite or delete the new holder's record.
 
-A claim whose holder died (its lease ran out) may have sent its cancel before dying, so it is
-never sent again: the key is settled with an "outcome unknown" answer. An answer older than 24 h
-frees its key for any new request.
+A claim whose holder died (its lease ran out) may have sent its cancel before dying: the next
+request takes the key over as an *abandoned* claim, and the service reads Defender's record of the
+action before anything else (shared.service): the dead holder's cancel took effect, it never
+sent, or (no read) the key settles as "outcome unknown" and is never sent again. An answer older
+than 24 h frees its key for any new request.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModif
 from azure.data.tables import UpdateMode
 
 from shared.errors import KeyReused, RequestInProgress, StateStoreUnavailable, error_body
-from shared.service import Claim, StoredAnswer
+from shared.service import UNKNOWN_STATUS, Claim, StoredAnswer
 from shared.storage import recreating_table
 
 if TYPE_CHECKING:
@@ -39,24 +41,10 @@ CHUNK_BYTES = 64 * 1024  # an Edm.Binary property holds 64 KiB
 MAX_CHUNKS = 15  # an entity holds 1 MiB; Defender's answers are capped at 1 MiB before compression
 COMPLETE_TRIES = 3
 COMPLETE_BACKOFF = 0.2
-UNKNOWN_STATUS = 502
-UNKNOWN_CODE = "OutcomeUnknown"
 
 
 def _unavailable(exc: AzureError) -> StateStoreUnavailable:
     return StateStoreUnavailable(f"The idempotency records cannot be reached: {type(exc).__name__}", retry_after=5)
-
-
-def outcome_unknown_answer() -> StoredAnswer:
-    return StoredAnswer(
-        UNKNOWN_STATUS,
-        error_body(
-            UNKNOWN_CODE,
-            "An earlier request with this key stopped after it may have reached Defender, before its answer "
-            "was recorded. Defender may have cancelled the action: read its status before trying again "
-            "with a new key.",
-        ),
-    )
 
 
 class IdempotencyStore:
@@ -113,10 +101,8 @@ class IdempotencyStore:
         if in_flight and now - float(entity.get("ClaimedAt", 0)) < self.lease_seconds:
             raise RequestInProgress("A request with this idempotency key is still in progress", retry_after=5)
         etag = str(entity.metadata["etag"])
-        if in_flight:  # its holder died, maybe after sending: settle the key, never send again
-            unknown = outcome_unknown_answer()
-            self._replace(self._done(key, action_id, unknown.status, unknown.body), etag)
-            return unknown
+        if in_flight:  # its holder died, maybe after sending: take it over, to read what it did first
+            return Claim(key, action_id, self._replace(self._in_flight(key, action_id), etag), abandoned=True)
         return Claim(key, action_id, self._replace(self._in_flight(key, action_id), etag))  # an expired answer
 
     def _replace(self, entity: dict[str, Any], etag: str) -> str:
@@ -142,7 +128,7 @@ class IdempotencyStore:
     def complete(self, claim: Claim, status: int, body: Any) -> None:
         """Store Defender's answer for the claimed key, if the claim still holds; retried a few times.
         Never raises: the caller must still get the answer. If every try fails, the claim stays in
-        flight and, after its lease, the key answers "outcome unknown" (it is never sent again)."""
+        flight and, after its lease, the next request reads what became of the action."""
         entity = self._done(claim.key, claim.action_id, status, body)
         for attempt in range(COMPLETE_TRIES):
             try:

@@ -1,10 +1,11 @@
 """The queue face of the service: one message in, one result message out (or a deferral).
 
-Message: `{"machineActionId", "comment", "correlationId"?, "tenantId"?}` (+ our own `attempts` and
-`messageId`, carried by deferred copies); `tenantId` is a TENANTS name or id, absent for the home
-tenant. Its idempotency key is (correlationId, machineActionId), or the first
-delivery's message id when it has no correlationId, so a redelivered or deferred copy replays the
-answer instead of cancelling again. Outcomes:
+Message: `{"machineActionId", "comment", "correlationId"?, "tenantId"?, "verify"?}` (+ our own
+`attempts` and `messageId`, carried by deferred copies, and `bulkJob` on a bulk job's children);
+`tenantId` is a TENANTS name or id, absent for the home tenant. A message with `machineId` instead
+is a bulk job (shared.bulk_queue). Its idempotency key is (correlationId, machineActionId), or the
+first delivery's message id when it has no correlationId, so a redelivered or deferred copy
+replays the answer instead of cancelling again. Outcomes:
 - Defender answered (2xx/4xx): a result with its status and body.
 - Defender may have acted but its answer was lost (a timeout, a cut connection, a 500/502/504):
   a `failed` result at once, with that answer; a retry could only replay it.
@@ -20,15 +21,20 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from shared import bulk_queue
 from shared.app import get_app, get_settings
+from shared.bulk import parse_bulk
 from shared.errors import AppError, InvalidRequest, OutcomeUnknown, QuotaExceeded, RequestInProgress, error_body
 from shared.redaction import redact
 from shared.service import CancelResult
+from shared.settings import QUEUE as QUEUE
 from shared.settings import QUEUE_INLINE_WAIT_SECONDS
+from shared.settings import RESULTS_QUEUE as RESULTS_QUEUE
 from shared.storage import queue_client
 from shared.tenants import Tenant, TenantNotFound
 from shared.validation import (
@@ -36,18 +42,19 @@ from shared.validation import (
     correlation_id,
     parse_action_id,
     parse_comment,
+    parse_flag,
     parse_json_object,
     queue_key,
 )
 
 logger = logging.getLogger(__name__)
 
-QUEUE = "cancel-machine-action"
-RESULTS_QUEUE = "cancel-machine-action-results"
 IN_FLIGHT_DEFER_SECONDS = 5
 MAX_VISIBILITY_SECONDS = 7 * 24 * 3600
 MAX_QUOTED_CHARS = 8192
 _ID_RULE = "1 to 128 letters, digits or . _ : -"
+_JOB_KEY = re.compile(r"[A-Za-z0-9._:\-]{1,64}\|[A-Za-z0-9._:\-]{1,128}")
+JOB_FIELDS = frozenset({"machineId", "correlationId", "tenantId", "messageId", "attempts"})
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,8 @@ class QueueCancel:
     message_id: str  # the first delivery's queue message id (kept by deferred copies)
     attempts: int  # deliveries of earlier copies (deferrals)
     tenant_ref: str | None = None  # as given: a TENANTS name or id; None is the home tenant
+    verify: bool = False
+    bulk_job: str | None = None  # a child of a bulk job (shared.bulk_queue): its outcome goes to the job
 
     @property
     def reported_correlation(self) -> str:
@@ -67,7 +76,8 @@ class QueueCancel:
 
     def command(self) -> CancelCommand:
         key = queue_key(self.correlation_id, self.action_id, self.message_id)
-        return CancelCommand(self.action_id, self.comment, self.reported_correlation, "queue", key)
+        source = "bulk" if self.bulk_job else "queue"
+        return CancelCommand(self.action_id, self.comment, self.reported_correlation, source, key, self.verify)
 
     def deferred(self, deliveries: int) -> dict[str, Any]:
         """The copy to send again: the same key, and every delivery counted."""
@@ -79,16 +89,48 @@ class QueueCancel:
             again["messageId"] = self.message_id
         if self.tenant_ref is not None:
             again["tenantId"] = self.tenant_ref
+        if self.verify:
+            again["verify"] = True
+        if self.bulk_job:
+            again["bulkJob"] = self.bulk_job
         return again
 
 
 def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> dict[str, Any] | None:
-    """The result message to send, or None when the message was deferred. Raises to be retried."""
+    """The result message to send, or None when the message was deferred or belongs to a bulk job
+    (whose one summary is sent by shared.bulk_queue). Raises to be retried."""
     try:
+        if "machineId" in parse_json_object(body, "The message"):
+            return bulk_job(body, dequeue_count, message_id)
         message = parse_message(body, message_id)
         tenant = get_settings().tenants.resolve(message.tenant_ref)
     except (InvalidRequest, TenantNotFound) as exc:
         return rejected(body, exc, dequeue_count)
+    result = cancel(message, tenant, dequeue_count, body)
+    if result is not None and message.bulk_job:
+        bulk_queue.finish(message.bulk_job, result, message_id or message.message_id)
+        return None
+    return result
+
+
+def bulk_job(body: bytes, dequeue_count: int, message_id: str | None) -> dict[str, Any] | None:
+    """A bulk job message: its summary comes later, from the child that completes it."""
+    payload = parse_json_object(body, "The message")
+    request = parse_bulk(payload.get("machineId"), payload, JOB_FIELDS)
+    given, carried = _optional_id(payload, "correlationId"), _optional_id(payload, "messageId")
+    tenant = get_settings().tenants.resolve(_optional_id(payload, "tenantId"))
+    job_id = given or carried or message_id or correlation_id(None)
+    try:
+        return bulk_queue.start(request, job_id, tenant, owner=message_id or job_id)
+    except QuotaExceeded as exc:  # no list slot yet: the job comes back when one frees
+        again = {**payload, "attempts": _attempts(payload) + dequeue_count, **({} if given else {"messageId": job_id})}
+        delay = max(1, min(int(exc.wait_seconds), MAX_VISIBILITY_SECONDS))
+        queue_client(get_settings().queue_storage, QUEUE).send_message(json.dumps(again), visibility_timeout=delay)
+        return None
+
+
+def cancel(message: QueueCancel, tenant: Tenant, dequeue_count: int, body: bytes) -> dict[str, Any] | None:
+    """One cancel: its result message, or None when it was deferred. Raises to be retried."""
     attempts = message.attempts + dequeue_count
     command = message.command()
     try:
@@ -105,13 +147,13 @@ def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> di
     except OutcomeUnknown as exc:
         return _result(command, tenant, None, error_body(exc.code, exc.message), "failed", attempts)
     except AppError as exc:
-        last_attempt(command, tenant, attempts, dequeue_count, None, error_body(exc.code, exc.message))
+        last_attempt(message, tenant, attempts, dequeue_count, None, error_body(exc.code, exc.message))
         raise
     if result.status == 429:
         defer(message, result.retry_after or IN_FLIGHT_DEFER_SECONDS, dequeue_count)
         return None
     if result.status == 503:  # Defender refused before acting, even after our retries
-        last_attempt(command, tenant, attempts, dequeue_count, result.status, result.body)
+        last_attempt(message, tenant, attempts, dequeue_count, result.status, result.body)
         raise TransientUpstreamError(f"Defender answered {result.status}; the host will retry")
     return result_message(command, tenant, result, attempts)
 
@@ -124,15 +166,29 @@ def parse_message(body: bytes, message_id: str | None = None) -> QueueCancel:
     payload = parse_json_object(body, "The message")
     given = _optional_id(payload, "correlationId")
     carried = _optional_id(payload, "messageId")
-    attempts = payload.get("attempts", 0)
+    attempts = _attempts(payload)
     return QueueCancel(
         action_id=parse_action_id(payload.get("machineActionId")),
         comment=parse_comment(payload),
         correlation_id=given,
         message_id=carried or message_id or correlation_id(None),  # no id at all (not from the host): one now
-        attempts=attempts if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 0 else 0,
+        attempts=attempts,
         tenant_ref=_optional_id(payload, "tenantId"),
+        verify=parse_flag(payload, "verify"),
+        bulk_job=_bulk_job_key(payload),
     )
+
+
+def _bulk_job_key(payload: dict[str, Any]) -> str | None:
+    key = payload.get("bulkJob")
+    if key is not None and not (isinstance(key, str) and _JOB_KEY.fullmatch(key)):
+        raise InvalidRequest("bulkJob must be a job key this app wrote", code="InvalidRequestBody")
+    return key
+
+
+def _attempts(payload: dict[str, Any]) -> int:
+    attempts = payload.get("attempts", 0)
+    return attempts if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 0 else 0
 
 
 def _optional_id(payload: dict[str, Any], name: str) -> str | None:
@@ -166,18 +222,24 @@ def result_message(command: CancelCommand, tenant: Tenant, result: CancelResult,
     message = _result(command, tenant, result.status, result.body, outcome, attempts)
     if result.replayed:
         message["replayed"] = True
+    if result.verified_status is not None:
+        message["verifiedStatus"] = result.verified_status
     return message
 
 
 def last_attempt(
-    command: CancelCommand, tenant: Tenant, attempts: int, dequeue_count: int, status: int | None, body: Any
+    message: QueueCancel, tenant: Tenant, attempts: int, dequeue_count: int, status: int | None, body: Any
 ) -> None:
-    """On the last attempt the host allows, send a `failed` result ourselves before raising."""
+    """On the last attempt the host allows, send a `failed` result ourselves before raising (a bulk
+    job's child records it in its job instead)."""
     settings = get_settings()
     if dequeue_count < settings.max_dequeue_count:
         return
-    message = _result(command, tenant, status, body, "failed", attempts)
-    queue_client(settings.queue_storage, RESULTS_QUEUE).send_message(json.dumps(message))
+    result = _result(message.command(), tenant, status, body, "failed", attempts)
+    if message.bulk_job:
+        bulk_queue.finish(message.bulk_job, result, message.message_id)
+        return
+    queue_client(settings.queue_storage, RESULTS_QUEUE).send_message(json.dumps(result))
 
 
 def defer(message: QueueCancel, seconds: int, deliveries: int) -> None:

@@ -18,6 +18,7 @@ from shared.validation import CancelCommand
 logger = logging.getLogger(__name__)
 
 FINAL_STATUSES = frozenset({"Succeeded", "Failed", "TimeOut", "Cancelled"})  # Defender's, for an action
+OPEN_STATUSES = frozenset({"Pending", "InProgress"})
 VERIFIED_ANSWERS = frozenset({200, 400})  # cancelled, or "already final": worth reading back
 FIRST_POLL_SECONDS = 0.5
 MAX_POLL_SECONDS = 4.0
@@ -45,6 +46,25 @@ class Claim:
     key: str
     action_id: str
     etag: str
+    abandoned: bool = False  # taken over from a holder that died: what it did must be read first
+
+
+UNKNOWN_STATUS = 502
+UNKNOWN_CODE = "OutcomeUnknown"
+
+
+def outcome_unknown() -> StoredAnswer:
+    """The answer of a key whose holder died after it may have reached Defender, when Defender's
+    state cannot tell what it did."""
+    return StoredAnswer(
+        UNKNOWN_STATUS,
+        error_body(
+            UNKNOWN_CODE,
+            "An earlier request with this key stopped after it may have reached Defender, before its answer "
+            "was recorded. Defender may have cancelled the action: read its status before trying again "
+            "with a new key.",
+        ),
+    )
 
 
 class AnswerStore(Protocol):
@@ -154,6 +174,11 @@ class CancelService:
         held = self._answers.claim(key, command.action_id)
         if isinstance(held, StoredAnswer):
             return CancelResult(held.status, held.body, replayed=True)
+        if held.abandoned:
+            known = self._what_the_dead_holder_did(command.action_id)
+            if known is not None:
+                self._answers.complete(held, known.status, known.body)
+                return known
         # The send must start while the claim's lease can still cover Defender's whole budget.
         fence = self._monotonic() + self._answers.lease_seconds - self._budget
         try:
@@ -169,6 +194,23 @@ class CancelService:
         else:
             self._answers.release(held)
         return result
+
+    def _what_the_dead_holder_did(self, action_id: str) -> CancelResult | None:
+        """A holder died after its claim, and its lease ran out: whatever it sent has arrived by now
+        (sends start within lease minus budget, and the budget ends them). Defender's record of the
+        action tells: cancellation fields set, its cancel took effect (replay that); open with none,
+        it never sent, so this request may (None). Anything else, or no read: outcome unknown."""
+        try:
+            reply = self._defender.get_action(action_id, self._reads, 0.0)
+        except AppError:
+            reply = None
+        body = reply.body if reply is not None and reply.status == 200 and isinstance(reply.body, dict) else None
+        if body is not None and (body.get("cancellationDateTimeUtc") or body.get("status") == "Cancelled"):
+            return CancelResult(200, body, replayed=True)
+        if body is not None and body.get("status") in OPEN_STATUSES:
+            return None
+        unknown = outcome_unknown()
+        return CancelResult(unknown.status, unknown.body, replayed=True)
 
     def _scoped(self, key: str | None) -> str | None:
         """Idempotency keys are scoped by tenant: one caller's key in two tenants is two cancels.

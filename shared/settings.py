@@ -78,6 +78,8 @@ DEFAULT_VERIFY_SECONDS = 30.0
 APIS = ("cancel", "list", "get")  # each Defender API the app calls has its own quota
 DEFAULT_SAFETY_MS = 1000
 QUEUE_CONNECTION = "AzureWebJobsStorage"
+QUEUE = "cancel-machine-action"  # the queue trigger's queue (CONTRACT.md)
+RESULTS_QUEUE = "cancel-machine-action-results"
 HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
 DEFAULT_MAX_DEQUEUE_COUNT = 5
 MAX_LOGGED_CALLS = 8000
@@ -85,6 +87,7 @@ DEFAULT_TIMEOUT_SECONDS = 30.0
 DEFAULT_AUDIT_TABLE = "CancelAudit"
 DEFAULT_RATE_LIMIT_TABLE = "CancelRateLimit"
 DEFAULT_IDEMPOTENCY_TABLE = "CancelIdempotency"
+DEFAULT_BULK_TABLE = "CancelBulkJobs"
 DEFAULT_IDEMPOTENCY_LEASE = 360.0  # longer than host.json's functionTimeout (5 min)
 QUEUE_INLINE_WAIT_SECONDS = 5.0  # a queue message sleeps this long for a slot in place; longer is deferred
 # "Regardless of the function app timeout setting, 230 seconds is the maximum amount of time that an
@@ -138,6 +141,7 @@ class Settings:
     rate_limit_table: str
     idempotency_table: str
     idempotency_lease_seconds: float
+    bulk_table: str = DEFAULT_BULK_TABLE
     list_rate_limits: tuple[RateWindow, ...] = ()
     get_rate_limits: tuple[RateWindow, ...] = ()
     verify_seconds: float = DEFAULT_VERIFY_SECONDS
@@ -195,6 +199,7 @@ class Settings:
             rate_limit_table=_table(env, "RATE_LIMIT_TABLE", DEFAULT_RATE_LIMIT_TABLE),
             idempotency_table=_table(env, "IDEMPOTENCY_TABLE", DEFAULT_IDEMPOTENCY_TABLE),
             idempotency_lease_seconds=_seconds(env, "IDEMPOTENCY_LEASE_SECONDS", DEFAULT_IDEMPOTENCY_LEASE),
+            bulk_table=_table(env, "BULK_TABLE", DEFAULT_BULK_TABLE),
             tenants=tenants,
             tenant_app_client_id=_tenant_app(env, tenants, client_id),
             authority_host=parse_authority_host(_get(env, "AZURE_AUTHORITY_HOST", AUTHORITY_HOSTS[cloud])),

@@ -120,14 +120,15 @@ def test_an_overtaken_holder_can_neither_overwrite_nor_delete_the_record(
     store = answers(lease_seconds=60, clock=lambda: now[0])
     first = store.claim("k-takeover", GUID)
     assert isinstance(first, Claim)
-    now[0] += 61  # the first holder looks dead: the key settles as "outcome unknown", never re-sent
-    settled = store.claim("k-takeover", GUID)
+    now[0] += 61  # the first holder looks dead: the key is taken over, marked abandoned
+    second = store.claim("k-takeover", GUID)
 
-    assert isinstance(settled, StoredAnswer) and settled.body["error"]["code"] == "OutcomeUnknown"
+    assert isinstance(second, Claim) and second.abandoned and not first.abandoned
     store.complete(first, 200, {"late": True})
     store.release(first)
+    store.complete(second, 200, {"by": "the second holder"})
     replay = store.claim("k-takeover", GUID)
-    assert isinstance(replay, StoredAnswer) and replay == settled
+    assert isinstance(replay, StoredAnswer) and replay.body == {"by": "the second holder"}
 
 
 def test_storing_an_answer_is_retried(answers: Callable[..., IdempotencyStore], azurite: Azurite) -> None:

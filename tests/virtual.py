@@ -325,7 +325,21 @@ class Transport:
         return status, b'{"id": "%s", "status": "x"}' % action_id.encode(), {}
 
     def get(self, url: str, headers: Mapping[str, str], deadline: float) -> tuple[int, bytes, Mapping[str, str]]:
-        raise NotImplementedError("the virtual world models cancels only")
+        """Defender's record of an action: a cancel that took effect shows, one that never arrived
+        does not (what a taken-over key reads before it may send)."""
+        world, defender = self._world, self._defender
+        world.alive()
+        if not self._connected:
+            raise NotSent("no connection")
+        world.sleep(self._rng.uniform(*defender.net_ms))
+        action_id = url.rsplit("/", 1)[-1]
+        state = defender.states.get(action_id, "Pending")
+        world.sleep(self._rng.uniform(*defender.net_ms))
+        if world.monotonic() > deadline:
+            raise UpstreamTimeout("virtual: no answer within the budget")
+        cancelled = '"2026-01-01T00:00:00Z"' if state == "Cancelled" else "null"
+        return 200, b'{"id": "%s", "status": "%s", "cancellationDateTimeUtc": %s}' % (
+            action_id.encode(), state.encode(), cancelled.encode()), {}  # fmt: skip
 
 
 def violations(arrivals: Sequence[float], windows: Sequence[tuple[int, float]]) -> int:

@@ -6,7 +6,7 @@ param tags object = {}
 param deploymentContainer string
 
 var queues = ['cancel-machine-action', 'cancel-machine-action-results', 'cancel-machine-action-poison']
-var tables = ['CancelAudit', 'CancelRateLimit', 'CancelIdempotency']
+var tables = ['CancelAudit', 'CancelRateLimit', 'CancelIdempotency', 'CancelBulkJobs']
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   name: name
