@@ -153,6 +153,7 @@ def wdl_functions(context: Mapping[str, Any]) -> dict[str, Function]:
         "concat": lambda *parts: "".join(_text(p) for p in parts),
         "empty": lambda v: v is None or len(v) == 0,
         "not": lambda v: not v,
+        "and": lambda *vs: all(vs),
         "equals": lambda a, b: a == b,
         "string": _text,
     }

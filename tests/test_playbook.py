@@ -22,7 +22,7 @@ TEMPLATE = json.loads((ROOT / "examples/sentinel-playbook.json").read_text())
 HOST = "func-abc123.azurewebsites.net"
 KEY = "k3y-from-the-deployment"
 FIRST, SECOND = "988cc94e-7a8f-4b28-ab65-54970c5d5018", "5b3f0c8e-1d2a-4c6b-9e7f-0a1b2c3d4e5f"
-INCIDENT = {
+INCIDENT: dict[str, Any] = {
     "object": {
         "name": "4f2b7c1e-9d8a-4e3f-b2a1-0c9d8e7f6a5b",
         "id": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.OperationalInsights/workspaces/w/providers/"
@@ -115,3 +115,65 @@ def test_the_app_cancels_what_the_playbook_sends(app_env: dict[str, str], sim: D
 
         assert response.status_code == 200 and body_of(response)["status"] == "Cancelled"
     assert len(sim.calls()) == 2
+
+
+DEVICES = ("7b1f4967d9728e5aa3c06a9e617a22a4a5a17378", "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567")
+HOSTS_INCIDENT: dict[str, Any] = {
+    "object": {
+        **INCIDENT["object"],
+        "properties": {
+            **INCIDENT["object"]["properties"],
+            "relatedEntities": [
+                {"kind": "Host", "properties": {"hostName": "pc-1", "additionalData": {"MdatpDeviceId": DEVICES[0]}}},
+                {"kind": "Account", "properties": {"accountName": "alice"}},
+                {"kind": "Host", "properties": {"hostName": "pc-2", "additionalData": {"MdatpDeviceId": DEVICES[1]}}},
+                {"kind": "Host", "properties": {"hostName": "not-onboarded", "additionalData": {}}},
+            ],
+        },
+    }
+}
+
+
+def host_requests(enabled: bool, auth_client_id: str = "") -> list[dict[str, Any]]:
+    """The Http inputs the host loop sends for HOSTS_INCIDENT, with CancelPendingOnHosts = `enabled`."""
+    definition, values = deployed(auth_client_id)
+    values = {**values, "cancelPendingOnHosts": enabled}
+    context: dict[str, Any] = {
+        "parameters": values,
+        "triggerBody": HOSTS_INCIDENT,
+        "workflow": {"run": {"name": "run-2"}},
+    }
+    query = definition["actions"]["Host_entities"]["inputs"]
+    hosts = [item for item in wdl(query["from"], context) if wdl(query["where"], {**context, "item": item})]
+    loop = definition["actions"]["For_each_host"]
+    action = loop["actions"]["Cancel_pending_actions_on_host"]
+    assert action["type"] == "Http" and action["runtimeConfiguration"]["secureData"]["properties"] == ["inputs"]
+    inputs = arm(action["inputs"], {"AuthClientId": auth_client_id}, TEMPLATE["variables"])
+    return [wdl(inputs, {**context, "items": {"For_each_host": host}}) for host in hosts]
+
+
+def test_the_playbook_cancels_what_is_pending_on_the_incidents_hosts_only_when_asked() -> None:
+    assert host_requests(False) == []
+    sent = host_requests(True, "3c1d2e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f")
+
+    assert [r["uri"] for r in sent] == [f"https://{HOST}/api/machines/{d}/cancelPendingActions" for d in DEVICES]
+    assert sent[0]["headers"]["Idempotency-Key"] == f"{INCIDENT['object']['name']}-{DEVICES[0]}"
+    assert sent[0]["body"] == {"Comment": "Cancelled by Sentinel playbook (incident 4711)", "verify": True}
+    assert sent[0]["authentication"]["audience"] == "api://3c1d2e4f-5a6b-4c7d-8e9f-0a1b2c3d4e5f"
+    assert TEMPLATE["parameters"]["CancelPendingOnHosts"]["defaultValue"] is False
+
+
+def test_the_app_cancels_what_is_pending_on_the_hosts_the_playbook_names(
+    app_env: dict[str, str], sim: DefenderSimulator
+) -> None:
+    from CancelPendingActions import main
+
+    pending = [sim.add_action(machine_id=d) for d in DEVICES for _ in range(2)]
+    for request in host_requests(True):
+        machine = urllib.parse.urlsplit(request["uri"]).path.split("/")[3]
+        response = main(func.HttpRequest(method=request["method"], url=request["uri"], headers=request["headers"],
+                                         route_params={"machineId": machine},
+                                         body=json.dumps(request["body"]).encode()))  # fmt: skip
+
+        assert response.status_code == 200 and body_of(response)["cancelled"] == 2
+    assert sorted(c.path.split("/")[-2] for c in sim.calls(api="cancel")) == sorted(pending)
