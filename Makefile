@@ -39,6 +39,7 @@ bench: deps tools
 	$(PY) -m bench.limiter
 	$(PY) -m bench.queue
 	$(PY) -m bench.tenants
+	$(PY) -m bench.bulk
 
 clean:
 	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache .ruff_cache bench/results

@@ -18,8 +18,11 @@ param(
     [ValidatePattern('^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$')]
     [string] $PrincipalId,
 
+    # Any one action role lets the app cancel; Machine.Read.All (or ReadWrite.All) lets it list a machine's
+    # actions (cancelPendingActions) and read one back (verify). Run once per role.
     [ValidateSet('Machine.CollectForensics', 'Machine.Isolate', 'Machine.RestrictExecution', 'Machine.Scan',
-        'Machine.Offboard', 'Machine.StopAndQuarantine', 'Machine.LiveResponse')]
+        'Machine.Offboard', 'Machine.StopAndQuarantine', 'Machine.LiveResponse', 'Machine.Read.All',
+        'Machine.ReadWrite.All')]
     [string] $Role = 'Machine.Isolate',
 
     [ValidateSet('Public', 'GCC', 'GCCHigh', 'DoD')]

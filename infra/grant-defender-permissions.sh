@@ -15,7 +15,9 @@
 set -euo pipefail
 
 DEFENDER_APP_ID="fc780465-2017-40d4-a0c5-307022471b92" # WindowsDefenderATP
-ROLES="Machine.CollectForensics Machine.Isolate Machine.RestrictExecution Machine.Scan Machine.Offboard Machine.StopAndQuarantine Machine.LiveResponse"
+# Any one action role lets the app cancel; Machine.Read.All (or Machine.ReadWrite.All) lets it list a
+# machine's actions (cancelPendingActions) and read one back (verify). Run once per role.
+ROLES="Machine.CollectForensics Machine.Isolate Machine.RestrictExecution Machine.Scan Machine.Offboard Machine.StopAndQuarantine Machine.LiveResponse Machine.Read.All Machine.ReadWrite.All"
 GUID_RE='^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
 
 principal_id="" role="Machine.Isolate" cloud="Public" dry_run=0 resource_sp_id="" app_role_id=""

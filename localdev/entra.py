@@ -37,7 +37,8 @@ from localdev import tokens
 from localdev.loopback import LoopbackServer, Request, Response
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-DEFAULT_ROLES = ("Machine.Isolate", "Machine.Scan", "Machine.CollectForensics", "Machine.RestrictExecution")
+DEFAULT_ROLES = ("Machine.Isolate", "Machine.Scan", "Machine.CollectForensics", "Machine.RestrictExecution",
+                 "Machine.Read.All")  # fmt: skip
 _TOKEN_PATH = re.compile(r"/([^/]+)/oauth2/v2\.0/token")
 
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from localdev.defender import DefenderSimulator
 from shared import queue_api
+from shared.validation import MAX_COMMENT_CHARS
 from tests.conftest import http_cancel
 
 GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -59,8 +60,13 @@ def valid_http(action_id: str, raw: bytes, key: str | None) -> bool:
         return False
     if not isinstance(payload, dict):
         return False
+    return valid_comment(payload) and isinstance(payload.get("verify", False), bool)
+
+
+def valid_comment(payload: dict[str, Any]) -> bool:
+    """Present (either spelling), a string, not only white space, at most 4096 characters."""
     comment = payload["Comment"] if "Comment" in payload else payload.get("comment")
-    return isinstance(comment, str) and bool(comment.strip())
+    return isinstance(comment, str) and bool(comment.strip()) and len(comment) <= MAX_COMMENT_CHARS
 
 
 def header_safe(text: str) -> bool:
@@ -128,8 +134,7 @@ def valid_message(payload: Any) -> bool:
     correlation = payload.get("correlationId")
     if correlation is not None and not (isinstance(correlation, str) and CORRELATION.fullmatch(correlation)):
         return False
-    comment = payload["Comment"] if "Comment" in payload else payload.get("comment")
-    return isinstance(comment, str) and bool(comment.strip())
+    return valid_comment(payload) and isinstance(payload.get("verify", False), bool)
 
 
 @pytest.mark.slow

@@ -125,3 +125,26 @@ def test_a_retry_with_no_quota_left_returns_defenders_last_answer(
 
     assert response.status_code == 503  # Defender's answer, not our 429: the retry found no slot
     assert len(sim.calls()) == 1
+
+
+def test_each_defender_api_has_its_own_quota_and_the_quota_route_shows_all_three(
+    app_env: dict[str, str], sim: DefenderSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RATE_LIMITS", "2/60")
+    monkeypatch.setenv("GET_RATE_LIMITS", "5/60")
+    monkeypatch.setenv("LIST_RATE_LIMITS", "7/30")
+    for _ in range(2):
+        assert http_cancel(sim.add_action(), {"Comment": "c", "verify": True}).status_code == 200
+
+    refused = http_cancel(sim.add_action())  # the cancel quota is full; the get quota is not
+    body = body_of(get_quota())
+
+    assert refused.status_code == 429 and len(sim.calls(api="cancel")) == 2 and len(sim.calls("", api="get")) == 2
+    assert {api: (q["windows"][0]["limit"], q["windows"][0]["used"]) for api, q in body["quotas"].items()} == {
+        "cancel": (2, 2),
+        "list": (7, 0),
+        "get": (5, 2),
+    }
+    key = app_env["RATE_LIMIT_KEY"]
+    assert [body["quotas"][api]["key"] for api in ("cancel", "list", "get")] == [key, f"{key}-list", f"{key}-get"]
+    assert body["key"] == key and body["windows"] == body["quotas"]["cancel"]["windows"]  # as before, at the top

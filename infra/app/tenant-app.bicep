@@ -13,7 +13,7 @@ param displayName string
 @description('Object (principal) id of the function app\'s user-assigned identity: the credential\'s subject.')
 param identityPrincipalId string
 @description('Defender app roles the customers consent to (values of WindowsDefenderATP app roles).')
-param roles array = ['Machine.Isolate', 'Machine.Scan', 'Machine.CollectForensics', 'Machine.RestrictExecution']
+param roles array = ['Machine.Isolate', 'Machine.Scan', 'Machine.CollectForensics', 'Machine.RestrictExecution', 'Machine.Read.All']
 
 // Issuer: the home tenant's authority; audience: the exchange audience of this cloud (Entra Workload
 // ID docs, "Configure an application to trust a managed identity"). Subject matching is case-sensitive.
