@@ -16,9 +16,10 @@ from localdev.windows import earliest, violations
 from tests.conftest import TOKEN_SECRET, body_of, http_cancel
 
 MACHINE = "7b1f4967d9728e5aa3c06a9e617a22a4a5a17378"
-# Time compressed, yet long enough that a window's burst of sends (one Table write each, ~5 ms
-# here) stays small beside it, as it does beside Defender's real minute.
-CANCEL_WINDOWS = ((60, 24.0),)
+# Defender's 100 per window, the window compressed from 60 s to 24 s: the 120th cancel waits for
+# the 20th's window to pass, so what the batch adds to the least time is the margin and the time
+# the first 20 sends take (one Table write each, ~5 ms here), as beside Defender's real minute.
+CANCEL_WINDOWS = ((100, 24.0),)
 LIST_WINDOWS = ((10, 24.0),)
 
 
@@ -33,7 +34,7 @@ def sim() -> Iterator[DefenderSimulator]:
 
 @pytest.fixture
 def quotas(app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RATE_LIMITS", "60/24")
+    monkeypatch.setenv("RATE_LIMITS", "100/24")
     monkeypatch.setenv("LIST_RATE_LIMITS", "10/24")
     monkeypatch.setenv("GET_RATE_LIMITS", "1000/60")
     monkeypatch.setenv("RATE_LIMIT_SAFETY_MS", "100")
@@ -145,3 +146,23 @@ def test_verify_reports_what_defender_ended_with(quotas: None, sim: DefenderSimu
         slow: (200, "Cancelled"),
     }
     assert len(sim.calls(f"/{slow}", api="get")) >= 2  # it read again until the action was final
+
+
+@pytest.mark.parametrize(
+    "link",
+    ["https://evil.example/api/machineactions?$skip=50", "http://127.0.0.1:1/api/machineactions?$skip=50",
+     "{base}/api/machines?$skip=50", "{base}.evil.example/api/machineactions?$skip=50"],
+)  # fmt: skip
+def test_a_next_page_link_off_the_api_root_is_never_followed(sim: DefenderSimulator, link: str) -> None:
+    from shared.defender import DefenderClient
+    from shared.errors import UpstreamUnavailable
+
+    class NoToken:
+        def token(self) -> str:
+            raise AssertionError("a token was asked for a link that must not be followed")
+
+    client = DefenderClient(sim.base_url, NoToken(), 5)  # type: ignore[arg-type]
+
+    with pytest.raises(UpstreamUnavailable, match="outside the Defender API root"):
+        client.list_page(link.format(base=sim.base_url))
+    assert sim.calls("") == []
