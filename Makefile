@@ -40,6 +40,7 @@ bench: deps tools
 	$(PY) -m bench.queue
 	$(PY) -m bench.tenants
 	$(PY) -m bench.bulk
+	$(PY) -m bench.logs
 
 clean:
 	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache .ruff_cache bench/results

@@ -114,6 +114,8 @@ param tenants string = ''
 param tenantAppClientId string = ''
 @description('Create the multi-tenant app registration and its federated credential with the Microsoft Graph Bicep extension (needs Application.ReadWrite.All).')
 param manageTenantApp bool = false
+@description('Turn on the log alert for Defender 429s or fail-closed answers (infra/log-queries.json). Off by default.')
+param logAlertEnabled bool = false
 @description('Hosting plan: flex (Flex Consumption, identity-only storage) or premium (Elastic Premium EP1, with a key-based content share). Azure Government always runs premium: it has no Flex Consumption.')
 @allowed(['flex', 'premium'])
 param planKind string = 'flex'
@@ -166,6 +168,7 @@ module monitoring 'app/monitoring.bicep' = {
     appInsightsName: '${abbrs.insightsComponents}${resourceToken}'
     location: location
     tags: tags
+    alertEnabled: logAlertEnabled
   }
 }
 
@@ -220,6 +223,7 @@ var contractSettings = {
   RATE_LIMIT_TABLE: 'CancelRateLimit'
   IDEMPOTENCY_TABLE: 'CancelIdempotency'
   BULK_TABLE: 'CancelBulkJobs'
+  LOG_LEVEL_SDK: 'WARNING'
   IDEMPOTENCY_LEASE_SECONDS: '360'
   TENANTS: tenants
   TENANT_APP_CLIENT_ID: tenantAppId

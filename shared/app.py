@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from shared import redaction
+from shared import logs, redaction
 from shared.audit import AuditLog
 from shared.defender import DefenderClient, RequestsTransport
 from shared.ratelimit import RateLimiter
@@ -82,6 +82,7 @@ def get_settings() -> Settings:
     global _settings
     if _settings is None:
         _settings = Settings.from_env()
+        logs.quiet_sdks(_settings.sdk_log_level)  # before the first SDK call of this worker
     return _settings
 
 

@@ -27,8 +27,11 @@ _TICKS_MAX = 10**19
 
 @dataclass(frozen=True)
 class AuditRecord:
+    """What happened to one cancel request: a row here when it reached Defender, and, for every
+    request (refusals too), one structured log record with the same fields (shared.logs)."""
+
     action_id: str
-    source: str  # "http" or "queue"
+    source: str  # "http", "queue" or "bulk"
     comment: str
     correlation_id: str
     upstream_status: int | None
@@ -37,6 +40,30 @@ class AuditRecord:
     attempts: int
     request_id: str | None = None
     tenant_id: str = "home"  # the directory acted in (shared.tenants)
+    caller: str = ""  # whose request: "function-key", "principal:<ids>" or "queue"
+    waited_ms: float = 0.0  # for a slot of the quota
+    upstream_ms: float = 0.0  # from the first send to Defender's answer
+    error_code: str = ""  # our error's code, when there was no answer from Defender
+    event: str = "cancel"  # "cancel" (sent), "replay", "refusal" (nothing sent), "verify"
+
+    def fields(self) -> dict[str, Any]:
+        """The record's fields, under the names the audit table and the log queries use."""
+        return {
+            "Event": self.event,
+            "ActionId": self.action_id,
+            "Source": self.source,
+            "TenantId": self.tenant_id,
+            "Caller": self.caller,
+            "CorrelationId": self.correlation_id,
+            "Outcome": self.outcome,
+            "UpstreamStatus": self.upstream_status if self.upstream_status is not None else -1,
+            "Attempts": self.attempts,
+            "WaitedMs": round(self.waited_ms, 3),
+            "UpstreamMs": round(self.upstream_ms, 3),
+            "DurationMs": round(self.duration_ms, 3),
+            "UpstreamRequestId": self.request_id or "",
+            "ErrorCode": self.error_code,
+        }
 
 
 class AuditLog:
@@ -63,14 +90,7 @@ def to_entity(record: AuditRecord, now: float | None = None) -> dict[str, Any]:
     return {
         "PartitionKey": record.action_id,
         "RowKey": f"{inverted:020d}-{uuid.uuid4().hex[:12]}",
-        "Source": record.source,
+        **record.fields(),
         "Comment": record.comment[:MAX_COMMENT_CHARS],
-        "CorrelationId": record.correlation_id,
-        "UpstreamStatus": record.upstream_status if record.upstream_status is not None else -1,
-        "Outcome": record.outcome,
-        "DurationMs": round(record.duration_ms, 3),
-        "Attempts": record.attempts,
-        "UpstreamRequestId": record.request_id or "",
-        "TenantId": record.tenant_id,
         "At": datetime.fromtimestamp(now, tz=UTC),
     }

@@ -136,6 +136,7 @@ def cancel_each(
     key: Callable[[str], str | None],
     cancel_until: float,
     verify_until: float,
+    caller: str = "queue",
     monotonic: Callable[[], float] = time.monotonic,
 ) -> list[dict[str, Any]]:
     """Cancel every listed action, CONCURRENCY at a time, each waiting for the cancel quota until
@@ -147,7 +148,7 @@ def cancel_each(
 
     def one(action: dict[str, Any]) -> tuple[dict[str, Any], CancelResult | None]:
         entry, action_id = item(action), str(action.get("id"))
-        command = CancelCommand(action_id, request.comment, correlation, "bulk", key(action_id))
+        command = CancelCommand(action_id, request.comment, correlation, "bulk", key(action_id), caller=caller)
         try:
             result = service.cancel(command, max_wait=max(0.0, cancel_until - monotonic()))
         except QuotaExceeded as exc:

@@ -20,7 +20,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
@@ -77,6 +77,8 @@ class UpstreamReply:
     retry_after: int | None
     request_id: str | None
     attempts: int
+    waited_ms: float = 0.0  # for slots of the quota, over every attempt
+    upstream_ms: float = 0.0  # from the first send to the answer
 
 
 class QuotaGate(Protocol):
@@ -163,6 +165,7 @@ class DefenderClient:
         """One request under the policy: a POST when there is a payload, else a GET."""
         reply: UpstreamReply | None = None
         deadline: float | None = None  # set by the first attempt that reaches for the wire
+        waited, first_send = 0.0, None
         for attempt in range(1, self._retry.max_attempts + 1):
             if deadline is not None:
                 pause = self._retry.backoff(attempt - 1, reply.retry_after if reply else None)
@@ -172,9 +175,14 @@ class DefenderClient:
             try:
                 token = self._tokens.token()  # the slow parts before the slot: token, then connection
                 self._transport.warm(url)
-                self._admit(gate, max_wait if attempt == 1 else 0.0)
+                admit_start = self._monotonic()
+                try:
+                    self._admit(gate, max_wait if attempt == 1 else 0.0)
+                finally:
+                    waited += self._monotonic() - admit_start
                 if on_send is not None:
                     on_send()
+                first_send = first_send or self._monotonic()
                 deadline = deadline or self._monotonic() + self._budget  # the budget starts at the send
                 status, raw, headers = (
                     self._post(url, payload, token, deadline)
@@ -190,10 +198,11 @@ class DefenderClient:
                 break  # no quota left for a retry: the last answer stands
             reply = _reply(status, raw, headers, attempt)
             if not self._retry.retries(status):
-                return reply
+                break
         if reply is None:
             raise UpstreamUnavailable("Could not connect to the Defender API")
-        return reply
+        upstream = self._monotonic() - first_send if first_send is not None else 0.0
+        return replace(reply, waited_ms=waited * 1000, upstream_ms=upstream * 1000)
 
     def _post(self, url: str, payload: str, token: str, deadline: float) -> tuple[int, bytes, Mapping[str, str]]:
         """The send. A failure after the request may have left is OutcomeUnknown: never retried."""

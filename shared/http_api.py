@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from shared import bulk
+from shared import bulk, logs
 from shared.app import get_app, get_settings
 from shared.callers import caller_scope, caller_tenant
-from shared.errors import AppError, error_body
+from shared.errors import AppError, SettingsError, error_body
 from shared.ratelimit import WindowStats
 from shared.settings import HTTP_RESPONSE_LIMIT_SECONDS
 from shared.validation import (
@@ -95,7 +95,7 @@ def cancel_pending(machine_id: str, body: bytes, headers: Mapping[str, str]) -> 
             return bulk_key(scope, key, action_id) if key else None
 
         items = bulk.cancel_each(path.service, listing.actions, request, correlation, action_key, cancel_until,
-                                 verify_until)  # fmt: skip
+                                 verify_until, scope)  # fmt: skip
     return Reply(200, bulk.summary(request, listing.actions, items), reply_headers)
 
 
@@ -141,8 +141,8 @@ def _iso(epoch_ms: int) -> str:
 
 
 def error_reply(exc: AppError, correlation: str, headers: dict[str, str]) -> Reply:
-    if exc.status >= 500:
-        logger.warning("%s (correlation %s): %s", type(exc).__name__, correlation, exc.message)
+    if not getattr(exc, "recorded", False) and not isinstance(exc, SettingsError):
+        logs.refused(exc, correlation)
     if exc.retry_after is not None:
         headers = {**headers, "Retry-After": str(exc.retry_after)}
     return Reply(exc.status, error_body(exc.code, exc.message, correlation), headers)

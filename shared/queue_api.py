@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from shared import bulk_queue
+from shared import bulk_queue, logs
 from shared.app import get_app, get_settings
 from shared.bulk import parse_bulk
 from shared.errors import AppError, InvalidRequest, OutcomeUnknown, QuotaExceeded, RequestInProgress, error_body
@@ -207,7 +207,7 @@ def rejected(body: bytes, exc: AppError, attempts: int) -> dict[str, Any]:
     fields = original if isinstance(original, dict) else {}
     answer = error_body(exc.code, exc.message)
     answer["message"] = quoted
-    logger.warning("rejected queue message: %s", exc.message)
+    logs.refused(exc, _text(fields.get("correlationId")) or "", "queue")
     return _message(_text(fields.get("correlationId")), _text(fields.get("machineActionId")),
                     _text(fields.get("tenantId")), None, answer, "rejected", attempts)  # fmt: skip
 
@@ -247,7 +247,8 @@ def defer(message: QueueCancel, seconds: int, deliveries: int) -> None:
     delay = max(1, min(int(seconds), MAX_VISIBILITY_SECONDS))
     again = json.dumps(message.deferred(deliveries))
     queue_client(get_settings().queue_storage, QUEUE).send_message(again, visibility_timeout=delay)
-    logger.info("deferred %s by %d s (correlation %s)", message.action_id, delay, message.reported_correlation)
+    # the service's record of the refusal (quota, in flight) already says why; this is detail
+    logger.debug("deferred %s by %d s (correlation %s)", message.action_id, delay, message.reported_correlation)
 
 
 def _result(

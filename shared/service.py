@@ -8,14 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from shared import defender
+from shared import defender, logs
 from shared.audit import AuditLog, AuditRecord
 from shared.defender import DefenderClient
 from shared.errors import AppError, OutcomeUnknown, StateStoreUnavailable, error_body
 from shared.tenants import HOME, Tenant
 from shared.validation import CancelCommand
-
-logger = logging.getLogger(__name__)
 
 FINAL_STATUSES = frozenset({"Succeeded", "Failed", "TimeOut", "Cancelled"})  # Defender's, for an action
 OPEN_STATUSES = frozenset({"Pending", "InProgress"})
@@ -137,10 +135,24 @@ class CancelService:
         """Cancel one machine action, at most once per idempotency key; with `command.verify`, then
         read it back until it is final or VERIFY_SECONDS pass.
 
-        Raises AppError subclasses when Defender gave no answer (quota, state store, network)."""
-        result = self._cancel_once(command, max_wait)
+        Raises AppError subclasses when Defender gave no answer (quota, state store, network). Every
+        request leaves one structured log record (shared.logs): sent, replayed, or refused."""
+        started = self._monotonic()
+        try:
+            result = self._cancel_once(command, max_wait)
+        except AppError as exc:
+            if not getattr(exc, "recorded", False):  # refused before anything was sent
+                level = logging.WARNING if exc.status >= 500 else logging.INFO  # fail-closed and token: warnings
+                self._log(self._fields(command, started, "refused", error_code=exc.code, event="refusal"), level)
+                exc.recorded = True  # type: ignore[attr-defined]  # the faces do not record it again
+            raise
+        if result.replayed:
+            self._log(self._fields(command, started, "replayed", status=result.status, event="replay"))
         if command.verify and result.status in VERIFIED_ANSWERS:
-            return self.verify(command.action_id, result)
+            verified = self.verify(command.action_id, result)
+            self._log(self._fields(command, started, str(verified.verified_status), status=result.status,
+                                   event="verify"))  # fmt: skip
+            return verified
         return result
 
     def verify(self, action_id: str, result: CancelResult, until: float | None = None) -> CancelResult:
@@ -233,48 +245,57 @@ class CancelService:
             reply = self._defender.cancel(command.action_id, command.comment, self._gate, max_wait, on_send)
         except AppError as exc:
             if attempts:  # something was (or may have been) sent upstream: that is worth a record
-                self._record(command, None, type(exc).__name__, started, attempts, None)
+                self._record(self._fields(command, started, outcome=type(exc).__name__, attempts=attempts,
+                                          error_code=exc.code))  # fmt: skip
+                exc.recorded = True  # type: ignore[attr-defined]
             raise
-        self._record(command, reply.status, _outcome(reply.status), started, reply.attempts, reply.request_id)
+        self._record(self._fields(command, started, outcome=_outcome(reply.status), status=reply.status,
+                                  attempts=reply.attempts, request_id=reply.request_id, waited_ms=reply.waited_ms,
+                                  upstream_ms=reply.upstream_ms))  # fmt: skip
         if reply.status == 429 and self._gate is not None:
             self._gate.throttled(reply.retry_after or 60)
         return CancelResult(reply.status, reply.body, reply.retry_after, reply.request_id, reply.attempts)
 
-    def _record(
+    def _fields(
         self,
         command: CancelCommand,
-        status: int | None,
-        outcome: str,
         started: float,
-        attempts: int,
-        request_id: str | None,
-    ) -> None:
-        duration_ms = (self._monotonic() - started) * 1000
-        logger.info(
-            "cancel %s via %s in tenant %s: upstream %s (%s) in %.1f ms, %d attempt(s), correlation %s",
-            command.action_id,
-            command.source,
-            self._tenant.name,
-            status,
-            outcome,
-            duration_ms,
-            attempts,
-            command.correlation_id,
+        outcome: str,
+        status: int | None = None,
+        attempts: int = 0,
+        request_id: str | None = None,
+        waited_ms: float = 0.0,
+        upstream_ms: float = 0.0,
+        error_code: str = "",
+        event: str = "cancel",
+    ) -> AuditRecord:
+        return AuditRecord(
+            action_id=command.action_id,
+            source=command.source,
+            comment=command.comment,
+            correlation_id=command.correlation_id,
+            upstream_status=status,
+            outcome=outcome,
+            duration_ms=(self._monotonic() - started) * 1000,
+            attempts=attempts,
+            request_id=request_id,
+            tenant_id=self._tenant.id,
+            caller=command.caller,
+            waited_ms=waited_ms,
+            upstream_ms=upstream_ms,
+            error_code=error_code,
+            event=event,
         )
-        self._audit.record(
-            AuditRecord(
-                action_id=command.action_id,
-                source=command.source,
-                comment=command.comment,
-                correlation_id=command.correlation_id,
-                upstream_status=status,
-                outcome=outcome,
-                duration_ms=duration_ms,
-                attempts=attempts,
-                request_id=request_id,
-                tenant_id=self._tenant.id,
-            )
-        )
+
+    def _record(self, record: AuditRecord) -> None:
+        """A request that reached (or may have reached) Defender: a log record and an audit row."""
+        logs.record(record.fields())
+        self._audit.record(record)
+
+    @staticmethod
+    def _log(record: AuditRecord, level: int = logging.INFO) -> None:
+        """A request that sent nothing new (refused, replayed) or a read back: a log record only."""
+        logs.record(record.fields(), level)
 
 
 def _outcome(status: int) -> str:

@@ -75,7 +75,8 @@ KNOWN_DEFENDER_HOSTS = frozenset(
 
 DEFAULT_RATE_LIMITS = "100/60,1500/3600"  # Defender's, for each of cancel, list and get (per app + tenant)
 DEFAULT_VERIFY_SECONDS = 30.0
-APIS = ("cancel", "list", "get")  # each Defender API the app calls has its own quota
+APIS = ("cancel", "list", "get")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # each Defender API the app calls has its own quota
 DEFAULT_SAFETY_MS = 1000
 QUEUE_CONNECTION = "AzureWebJobsStorage"
 QUEUE = "cancel-machine-action"  # the queue trigger's queue (CONTRACT.md)
@@ -142,6 +143,7 @@ class Settings:
     idempotency_table: str
     idempotency_lease_seconds: float
     bulk_table: str = DEFAULT_BULK_TABLE
+    sdk_log_level: str = "WARNING"
     list_rate_limits: tuple[RateWindow, ...] = ()
     get_rate_limits: tuple[RateWindow, ...] = ()
     verify_seconds: float = DEFAULT_VERIFY_SECONDS
@@ -200,6 +202,7 @@ class Settings:
             idempotency_table=_table(env, "IDEMPOTENCY_TABLE", DEFAULT_IDEMPOTENCY_TABLE),
             idempotency_lease_seconds=_seconds(env, "IDEMPOTENCY_LEASE_SECONDS", DEFAULT_IDEMPOTENCY_LEASE),
             bulk_table=_table(env, "BULK_TABLE", DEFAULT_BULK_TABLE),
+            sdk_log_level=_level(env, "LOG_LEVEL_SDK", "WARNING"),
             tenants=tenants,
             tenant_app_client_id=_tenant_app(env, tenants, client_id),
             authority_host=parse_authority_host(_get(env, "AZURE_AUTHORITY_HOST", AUTHORITY_HOSTS[cloud])),
@@ -240,6 +243,13 @@ def _partition_key(env: Mapping[str, str], name: str, default: str) -> str:
             f"{name} must be 1 to 512 characters without / \\ # ? or control characters "
             f"(it is a Table PartitionKey); got {value!r}"
         )
+    return value
+
+
+def _level(env: Mapping[str, str], name: str, default: str) -> str:
+    value = _get(env, name, default).upper()
+    if value not in LOG_LEVELS:
+        raise SettingsError(f"{name} must be one of {', '.join(LOG_LEVELS)}; got {value!r}")
     return value
 
 

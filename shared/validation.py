@@ -26,6 +26,7 @@ class CancelCommand:
     source: str  # "http", "queue" or "bulk"
     idempotency_key: str | None = None
     verify: bool = False  # read the action back after Defender's answer (shared.service)
+    caller: str = "queue"  # whose request, for the records: the HTTP caller's scope, or the queue
 
 
 def parse_action_id(raw: object) -> str:
@@ -103,7 +104,7 @@ def parse_http_cancel(
     comment = parse_comment(payload)
     key = parse_idempotency_key(idempotency_key)
     scoped = http_key(caller_scope, key) if key else None
-    return CancelCommand(action, comment, correlation, "http", scoped, parse_flag(payload, "verify"))
+    return CancelCommand(action, comment, correlation, "http", scoped, parse_flag(payload, "verify"), caller_scope)
 
 
 def parse_flag(payload: Mapping[str, Any], name: str) -> bool:
