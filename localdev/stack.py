@@ -41,6 +41,13 @@ DEFAULT_KEY = "local-function-key"
 # multi-tenant app registration it is the federated credential of; two customers consented to it.
 LOCAL_IDENTITY = "5b1f0e2a-9c47-4d0e-8f6a-2c3d4e5f6a7b"
 LOCAL_TENANT_APP = "0d9c8b7a-6f5e-4d3c-2b1a-0f9e8d7c6b5a"
+LOCAL_MACHINE = "7b1f4967d9728e5aa3c06a9e617a22a4a5a17378"  # a machine with actions pending, for the bulk cancel
+MACHINE_ACTIONS = (
+    ("Pending", "Isolate"),
+    ("InProgress", "RunAntiVirusScan"),
+    ("Pending", "CollectInvestigationPackage"),
+    ("Succeeded", "Isolate"),
+)
 LOCAL_TENANTS = {"contoso": "1c7e2a4b-3d5f-4a6b-8c9d-0e1f2a3b4c5d", "fabrikam": "9e8d7c6b-5a4f-4e3d-9c1b-0a9f8e7d6c5b"}
 
 
@@ -120,6 +127,9 @@ class Stack:
         for name, tenant_id in LOCAL_TENANTS.items():
             self.defender.add_tenant(tenant_id)
             tenant_actions[name] = self.defender.seed(2, random.Random(name), tenant_id)
+        on_machine = [
+            self.defender.add_action(status, kind, machine_id=LOCAL_MACHINE) for status, kind in MACHINE_ACTIONS
+        ]
         env = self.app_env()
         func = None if self.args.local_host else shutil.which("func")
         if func:
@@ -140,6 +150,7 @@ class Stack:
             "entra": self.entra.authority,
             "tenants": LOCAL_TENANTS,
             "tenantActions": tenant_actions,
+            "machine": {"id": LOCAL_MACHINE, "actions": on_machine},
             "storage": self.azurite.connection_string.split("AccountKey=")[0] + "...",
             "actions": actions,
             "pids": {"stack": os.getpid(), "azurite": self.azurite.pid},
@@ -174,7 +185,13 @@ def banner(info: dict[str, Any]) -> str:
             f"       -H 'x-functions-key: {key}' -H 'Content-Type: application/json' \\",
             '       -d \'{"Comment": "false positive"}\'',
         ]
-    lines += [f"  curl -s '{app}/api/quota?code={key}'", f"  curl -s '{app}/api/tenants/contoso/quota?code={key}'"]
+    lines += [
+        f"  curl -s -X POST '{app}/api/machines/{info['machine']['id']}/cancelPendingActions' \\",
+        f"       -H 'x-functions-key: {key}' -H 'Content-Type: application/json' \\",
+        '       -d \'{"Comment": "machine reimaged", "dryRun": true}\'',
+        f"  curl -s '{app}/api/quota?code={key}'",
+        f"  curl -s '{app}/api/tenants/contoso/quota?code={key}'",
+    ]
     return "\n".join([*lines, "", "Ctrl-C stops everything."])
 
 

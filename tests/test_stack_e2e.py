@@ -121,6 +121,19 @@ def test_the_quick_start_cancels_in_both_seeded_tenants_with_a_quota_each(stack:
     assert quota["windows"][0]["used"] == 1 and stack["tenants"]["contoso"] in quota["key"]
 
 
+def test_the_quick_start_bulk_cancel_lists_then_cancels_what_is_pending_on_the_seeded_machine(
+    stack: dict[str, Any],
+) -> None:
+    url = f"{stack['app']}/api/machines/{stack['machine']['id']}/cancelPendingActions"
+    headers = {"x-functions-key": KEY}
+    listed = requests.post(url, json={"Comment": "look", "dryRun": True}, headers=headers, timeout=60).json()
+    done = requests.post(url, json={"Comment": "reimaged", "verify": True}, headers=headers, timeout=60).json()
+
+    assert (listed["found"], done["found"], done["cancelled"]) == (3, 3, 3)
+    assert {a["verifiedStatus"] for a in done["actions"]} == {"Cancelled"}
+    assert {a["id"] for a in done["actions"]} == set(stack["machine"]["actions"][:3])  # not the Succeeded one
+
+
 def test_a_queue_message_produces_its_result_message(stack: dict[str, Any]) -> None:
     trigger = open_queue(stack["queue_conn"], "cancel-machine-action")
     results = open_queue(stack["queue_conn"], "cancel-machine-action-results")
