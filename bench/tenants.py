@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.limiter import RATE_LIMITS, RESULTS, SAFETY_MS, STARTUP, WINDOWS
 from localdev import tokens
 from localdev.azurite import Azurite
 from localdev.defender import DefenderSimulator
@@ -35,12 +36,7 @@ from localdev.identity import IdentityEndpoint
 from localdev.stack import LOCAL_TENANTS, federate
 from localdev.windows import max_allowed, violations
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-WINDOWS = ((10, 2.0), (30, 8.0))
-RATE_LIMITS = "10/2,30/8"
-SAFETY_MS = "150"
-STARTUP = 5.0
+ROOT = Path(__file__).resolve().parent.parent  # the same compressed windows and margin as bench.limiter
 
 
 def run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,7 +53,13 @@ def quota_key(cancel_key: str, api: str) -> str:
 class App:
     settings: Settings
     tenants: Mapping[str, TenantApp]  # by tenant id
-    jobs: JobStore  # the queue's bulk jobs
+
+    @functools.cached_property
+    def jobs(self) -> JobStore:
+        """The queue's bulk jobs: built on first use, so a cold start does not create their table."""
+        from shared.jobs import JobStore
+
+        return JobStore(table_client(self.settings.storage, self.settings.bulk_table))
 
     def of(self, tenant: Tenant) -> TenantApp:
         return self.tenants[tenant.id]
@@ -108,7 +115,6 @@ def reset_app() -> None:
 def build_app(settings: Settings) -> App:
     redaction.install()
     from shared.idempotency import IdempotencyStore
-    from shared.jobs import JobStore
     from shared.ratelimit_table import TableSlidingLog
 
     identity = managed_identity(settings.client_id, settings.timeout_seconds)
@@ -138,7 +144,7 @@ def build_app(settings: Settings) -> App:
             settings.token_scope, credential=_customer_credential(settings, tenant, assertion), source=_source(tenant)
         )
         apps[tenant.id] = tenant_app(tenant, tokens, settings.tenant_rate_limit_key(tenant.id))
-    return App(settings, apps, JobStore(table_client(settings.storage, settings.bulk_table)))
+    return App(settings, apps)
 
 
 def _customer_credential(settings: Settings, tenant: Tenant, assertion: Any) -> Any:

@@ -28,6 +28,7 @@ class AppError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.recorded = False  # its structured log record is written (shared.logs): not again
 
 
 class SettingsError(AppError):

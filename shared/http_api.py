@@ -141,7 +141,7 @@ def _iso(epoch_ms: int) -> str:
 
 
 def error_reply(exc: AppError, correlation: str, headers: dict[str, str]) -> Reply:
-    if not getattr(exc, "recorded", False) and not isinstance(exc, SettingsError):
+    if not exc.recorded and not isinstance(exc, SettingsError):
         logs.refused(exc, correlation)
     if exc.retry_after is not None:
         headers = {**headers, "Retry-After": str(exc.retry_after)}

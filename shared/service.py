@@ -16,7 +16,6 @@ from shared.tenants import HOME, Tenant
 from shared.validation import CancelCommand
 
 FINAL_STATUSES = frozenset({"Succeeded", "Failed", "TimeOut", "Cancelled"})  # Defender's, for an action
-OPEN_STATUSES = frozenset({"Pending", "InProgress"})
 VERIFIED_ANSWERS = frozenset({200, 400})  # cancelled, or "already final": worth reading back
 FIRST_POLL_SECONDS = 0.5
 MAX_POLL_SECONDS = 4.0
@@ -141,10 +140,10 @@ class CancelService:
         try:
             result = self._cancel_once(command, max_wait)
         except AppError as exc:
-            if not getattr(exc, "recorded", False):  # refused before anything was sent
+            if not exc.recorded:  # refused before anything was sent
                 level = logging.WARNING if exc.status >= 500 else logging.INFO  # fail-closed and token: warnings
                 self._log(self._fields(command, started, "refused", error_code=exc.code, event="refusal"), level)
-                exc.recorded = True  # type: ignore[attr-defined]  # the faces do not record it again
+                exc.recorded = True  # the faces do not record it again
             raise
         if result.replayed:
             self._log(self._fields(command, started, "replayed", status=result.status, event="replay"))
@@ -210,8 +209,8 @@ class CancelService:
     def _what_the_dead_holder_did(self, action_id: str) -> CancelResult | None:
         """A holder died after its claim, and its lease ran out: whatever it sent has arrived by now
         (sends start within lease minus budget, and the budget ends them). Defender's record of the
-        action tells: cancellation fields set, its cancel took effect (replay that); open with none,
-        it never sent, so this request may (None). Anything else, or no read: outcome unknown."""
+        action tells: cancellation fields set, its cancel took effect (replay that); none, it never
+        took effect, so this request may send (None). No read (no role, no slot): outcome unknown."""
         try:
             reply = self._defender.get_action(action_id, self._reads, 0.0)
         except AppError:
@@ -219,7 +218,7 @@ class CancelService:
         body = reply.body if reply is not None and reply.status == 200 and isinstance(reply.body, dict) else None
         if body is not None and (body.get("cancellationDateTimeUtc") or body.get("status") == "Cancelled"):
             return CancelResult(200, body, replayed=True)
-        if body is not None and body.get("status") in OPEN_STATUSES:
+        if body is not None:  # no cancel took effect: sending cannot cancel twice (a final action gets 400)
             return None
         unknown = outcome_unknown()
         return CancelResult(unknown.status, unknown.body, replayed=True)
@@ -247,7 +246,7 @@ class CancelService:
             if attempts:  # something was (or may have been) sent upstream: that is worth a record
                 self._record(self._fields(command, started, outcome=type(exc).__name__, attempts=attempts,
                                           error_code=exc.code))  # fmt: skip
-                exc.recorded = True  # type: ignore[attr-defined]
+                exc.recorded = True
             raise
         self._record(self._fields(command, started, outcome=_outcome(reply.status), status=reply.status,
                                   attempts=reply.attempts, request_id=reply.request_id, waited_ms=reply.waited_ms,
