@@ -100,7 +100,8 @@ def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> di
     """The result message to send, or None when the message was deferred or belongs to a bulk job
     (whose one summary is sent by shared.bulk_queue). Raises to be retried."""
     try:
-        if "machineId" in parse_json_object(body, "The message"):
+        payload = parse_json_object(body, "The message")
+        if "machineId" in payload and "machineActionId" not in payload:  # a job; a cancel may name its machine
             return bulk_job(body, dequeue_count, message_id)
         message = parse_message(body, message_id)
         tenant = get_settings().tenants.resolve(message.tenant_ref)

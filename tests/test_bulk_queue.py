@@ -96,3 +96,16 @@ def test_a_job_is_stored_once_and_its_summary_claimed_once(azurite: Azurite) -> 
     assert first.action_ids == ids and again.action_ids == ids  # the first listing stands
     assert store.claim_summary("t|job-1", "child-a") and not store.claim_summary("t|job-1", "child-b")
     assert store.claim_summary("t|job-1", "child-a")  # the claimer, redelivered after a crash, sends
+
+
+def test_a_single_cancel_that_names_its_machine_stays_a_single_cancel(
+    queues: Queues, azurite: Azurite, sim: DefenderSimulator
+) -> None:
+    action = sim.add_action(machine_id=MACHINE)
+    sim.add_action(machine_id=MACHINE)  # another pending action on that machine: not to be touched
+    queues.put({"machineActionId": action, "machineId": MACHINE, "comment": "one", "correlationId": "one-1"})
+
+    [result] = run_until_results(host(azurite), queues, 1)
+
+    assert (result["machineActionId"], result["outcome"]) == (action, "cancelled")
+    assert [c.path.split("/")[-2] for c in sim.calls(api="cancel")] == [action]
