@@ -66,14 +66,15 @@ def cancel(action_id: str, body: bytes, headers: Mapping[str, str], tenant_ref: 
     return Reply(result.status, result.body, reply_headers)
 
 
-def cancel_pending(machine_id: str, body: bytes, headers: Mapping[str, str]) -> Reply:
-    """POST /api/machines/{machineId}/cancelPendingActions: list, cancel each, sum up."""
+def cancel_pending(machine_id: str, body: bytes, headers: Mapping[str, str], tenant_ref: str | None = None) -> Reply:
+    """POST /api/machines/{machineId}/cancelPendingActions (or under /api/tenants/{tenant}/): list,
+    cancel each, sum up."""
     correlation = correlation_id(headers.get(CORRELATION_HEADER))
     reply_headers = {CORRELATION_HEADER: correlation}
     started = time.monotonic()
     try:
         settings = get_settings()
-        tenant = caller_tenant(headers, settings.callers, settings.tenants, None)
+        tenant = caller_tenant(headers, settings.callers, settings.tenants, tenant_ref)
         scope = caller_scope(headers, settings.allowed_callers)
         request = bulk.parse_bulk(machine_id, parse_json_object(body))
         key = parse_idempotency_key(headers.get(IDEMPOTENCY_HEADER))

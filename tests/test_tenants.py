@@ -367,3 +367,35 @@ def test_defender_refuses_a_tenant_it_does_not_serve_and_the_answer_passes_throu
 
     assert response.status_code == 403 and body_of(response)["error"]["code"] == "Forbidden"
     assert [(c.tenant, c.status) for c in sim.calls()] == [(FABRIKAM, 403)]
+
+
+def tenant_cancel_pending(tenant: str, machine_id: str, headers: dict[str, str] | None = None) -> func.HttpResponse:
+    from CancelTenantPendingActions import main
+
+    request = func.HttpRequest(
+        method="POST",
+        url=f"http://localhost:7071/api/tenants/{tenant}/machines/{machine_id}/cancelPendingActions",
+        route_params={"tenant": tenant, "machineId": machine_id},
+        headers=headers or {},
+        body=b'{"Comment": "customer machine reimaged"}',
+    )
+    return main(request)
+
+
+def test_a_bulk_cancel_in_a_tenant_sees_and_cancels_only_that_tenants_actions(
+    limited_callers: None, sim: DefenderSimulator, entra: EntraEndpoint
+) -> None:
+    machine = "7b1f4967d9728e5aa3c06a9e617a22a4a5a17378"
+    mine = {sim.add_action(machine_id=machine, tenant=CONTOSO) for _ in range(3)}
+    theirs = sim.add_action(machine_id=machine, tenant=FABRIKAM)  # same machine id, another customer
+
+    done = tenant_cancel_pending("contoso", machine, caller(SOC_A))
+    refused = tenant_cancel_pending("fabrikam", machine, caller(SOC_A))
+    entra.consent(LOCAL_TENANT_APP, FABRIKAM, roles=("Machine.Isolate",))  # no Machine.Read.All there
+    unreadable = tenant_cancel_pending("fabrikam", machine, caller(MSSP))
+
+    assert done.status_code == 200 and {a["id"] for a in body_of(done)["actions"]} == mine
+    assert body_of(done)["cancelled"] == 3 and sim.status_of(theirs) == "Pending"
+    assert refused.status_code == 403
+    assert unreadable.status_code == 403 and "Machine.Read.All" in body_of(unreadable)["error"]["message"]
+    assert {c.tenant for c in sim.calls(api="cancel")} == {CONTOSO}
