@@ -10,13 +10,14 @@ import ipaddress
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from shared.errors import SettingsError
 from shared.tenants import CallerPolicy, TenantDirectory, parse_callers, parse_tenants
+from shared.validation import GUID
 
 # Per cloud: the API root, and the resource its tokens are for (CONTRACT.md). Public calls go to
 # api.security.microsoft.com, the host Microsoft documents now; its tokens are still for
@@ -298,22 +299,29 @@ def parse_rate_limits(raw: str, name: str = "RATE_LIMITS") -> tuple[RateWindow, 
 
 def parse_api_base_url(raw: str) -> str:
     """Accept https on a known Defender host, or a loopback address (http allowed) for local use."""
-    url = urlsplit(raw)
-    host = (url.hostname or "").lower()
-    try:
-        port = url.port
-    except ValueError:  # a port that is not a number, or out of range
-        port = -1
-    ok_path = port != -1 and url.path in ("", "/") and not url.query and not url.fragment and not url.username
-    if ok_path and _is_loopback(host) and url.scheme in ("http", "https"):
-        return raw.rstrip("/")
-    if ok_path and url.scheme == "https" and host in KNOWN_DEFENDER_HOSTS and port in (None, 443):
+    if _is_root_url(raw, KNOWN_DEFENDER_HOSTS, loopback_schemes=("http", "https")):
         return raw.rstrip("/")
     raise SettingsError(
         "DEFENDER_API_BASE_URL must be https://<a Defender API host> (e.g. "
         "https://api.security.microsoft.com) or a loopback address such as "
         f"http://127.0.0.1:PORT, with no path; got {raw!r}"
     )
+
+
+def _is_root_url(raw: str, known_hosts: Collection[str], loopback_schemes: tuple[str, ...]) -> bool:
+    """A bare root URL (no path, query, fragment or user, a valid port): https on one of
+    `known_hosts` at the default port, or a loopback address over one of `loopback_schemes`."""
+    url = urlsplit(raw)
+    host = (url.hostname or "").lower()
+    try:
+        port = url.port
+    except ValueError:  # a port that is not a number, or out of range
+        return False
+    if url.path not in ("", "/") or url.query or url.fragment or url.username:
+        return False
+    if _is_loopback(host):
+        return url.scheme in loopback_schemes
+    return url.scheme == "https" and host in known_hosts and port in (None, 443)
 
 
 def _is_loopback(host: str) -> bool:
@@ -361,7 +369,7 @@ def _tenant_app(env: Mapping[str, str], tenants: TenantDirectory, client_id: str
     app = _get(env, "TENANT_APP_CLIENT_ID", "").lower() or None
     if not tenants.customers:
         return app
-    if app is None or not re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", app):
+    if app is None or not GUID.fullmatch(app):
         raise SettingsError(
             f"TENANTS is set, so TENANT_APP_CLIENT_ID must be the multi-tenant app registration's client id "
             f"(a GUID); got {app!r}"
@@ -377,11 +385,8 @@ def _tenant_app(env: Mapping[str, str], tenants: TenantDirectory, client_id: str
 def parse_authority_host(raw: str) -> str:
     """Entra's authority: https on a known login host, or a loopback address (https still: the SDK
     refuses anything else) for the local stack."""
-    url = urlsplit(raw)
-    host = (url.hostname or "").lower()
-    known = {urlsplit(h).hostname for h in AUTHORITY_HOSTS.values()}
-    plain = url.scheme == "https" and url.path in ("", "/") and not url.query and not url.username
-    if plain and (host in known or _is_loopback(host)):
+    known = {urlsplit(h).hostname or "" for h in AUTHORITY_HOSTS.values()}
+    if _is_root_url(raw, known, loopback_schemes=("https",)):
         return raw.rstrip("/")
     raise SettingsError(
         "AZURE_AUTHORITY_HOST must be https://login.microsoftonline.com, https://login.microsoftonline.us "

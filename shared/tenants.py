@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from shared.errors import AppError, SettingsError
+from shared.validation import GUID
 
 HOME = "home"
-_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # a name is safe in a route, a key and a log line
 
 
@@ -83,14 +83,14 @@ def parse_tenants(raw: str, home_id: str | None) -> TenantDirectory:
     customers = []
     for part in (p.strip() for p in raw.split(",") if p.strip()):
         name, _, tenant_id = (s.strip().lower() for s in part.partition("="))
-        if not _NAME.fullmatch(name) or not _GUID.fullmatch(tenant_id) or name == HOME:
+        if not _NAME.fullmatch(name) or not GUID.fullmatch(tenant_id) or name == HOME:
             raise SettingsError(
                 "TENANTS must be a comma list of name=tenantId, each name 1-63 lower-case letters, digits or "
                 f"dashes (not {HOME!r}) and each id a GUID, e.g. contoso=72f988bf-86f1-41af-91ab-2d7cd011db47; "
                 f"got {part!r}"
             )
         customers.append(Tenant(name, tenant_id))
-    if home_id is not None and not _GUID.fullmatch(home_id):
+    if home_id is not None and not GUID.fullmatch(home_id):
         raise SettingsError(f"HOME_TENANT_ID must be the home directory's id (a GUID); got {home_id!r}")
     return TenantDirectory.build(home_id.lower() if home_id else None, tuple(customers))
 

@@ -13,7 +13,7 @@ from shared.errors import InvalidRequest
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_COMMENT_CHARS = 4096  # openapi.json's maxLength; the audit record keeps it whole
-_GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as the IETF draft's examples
 
@@ -31,7 +31,7 @@ class CancelCommand:
 
 def parse_action_id(raw: object) -> str:
     # fullmatch, not match: a trailing newline or "/../" must never reach the upstream path.
-    if not isinstance(raw, str) or not _GUID.fullmatch(raw):
+    if not isinstance(raw, str) or not GUID.fullmatch(raw):
         raise InvalidRequest("The machine action id must be a GUID, e.g. 988cc94e-7a8f-4b28-ab65-54970c5d5018")
     return str(uuid.UUID(raw))
 

@@ -256,6 +256,7 @@ def test_each_cloud_has_its_entra_authority_and_exchange_audience(cloud: str, au
         ({"HOME_TENANT_ID": "home"}, "HOME_TENANT_ID"),
         ({"AZURE_AUTHORITY_HOST": "http://127.0.0.1:7082"}, "AZURE_AUTHORITY_HOST"),
         ({"AZURE_AUTHORITY_HOST": "https://login.evil.example"}, "AZURE_AUTHORITY_HOST"),
+        ({"AZURE_AUTHORITY_HOST": "https://127.0.0.1:99999"}, "AZURE_AUTHORITY_HOST"),  # no such port
         ({"ALLOWED_CALLERS": "app-1=northwind", "WEBSITE_AUTH_ENABLED": "True"}, "ALLOWED_CALLERS"),
         ({"ALLOWED_CALLERS": "app-1=", "WEBSITE_AUTH_ENABLED": "True"}, "ALLOWED_CALLERS"),
     ],
