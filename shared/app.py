@@ -36,10 +36,6 @@ class TenantApp:
     def limiter(self) -> RateLimiter:
         return self.quotas["cancel"]
 
-    @property
-    def defender(self) -> DefenderClient:
-        return self.service.defender
-
     def quota_key(self, api: str) -> str:
         return quota_key(self.rate_limit_key, api)
 

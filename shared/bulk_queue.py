@@ -83,10 +83,9 @@ def finish(job_key: str, result: dict[str, Any], owner: str) -> None:
 def summarize(job_key: str, owner: str) -> None:
     """Send the summary if every action has its outcome and `owner` holds the claim to send it."""
     store = jobs()
-    job = store.get(job_key)
+    job, outcomes = store.state(job_key)
     if job is None:
         return
-    outcomes = store.outcomes(job_key)
     if any(a not in outcomes for a in job.action_ids) or not store.claim_summary(job_key, owner):
         return
     entries = [outcomes[a] for a in job.action_ids]

@@ -9,7 +9,7 @@ row `summary`, inserted once by whoever completes the job (its owner may send ag
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -70,14 +70,9 @@ class JobStore:
 
     def get(self, key: str) -> Job | None:
         try:
-            entity = self._io(lambda: self._table.get_entity(key, JOB_ROW))
+            return _job(key, self._io(lambda: self._table.get_entity(key, JOB_ROW)))
         except ResourceNotFoundError:
             return None
-        chunks = [entity[f"Actions{i}"] for i in range(int(entity["Total"]) // IDS_PER_PROPERTY + 1)
-                  if entity.get(f"Actions{i}")]  # fmt: skip
-        ids = tuple(i for chunk in chunks for i in chunk.split(","))
-        return Job(key, entity["CorrelationId"], entity["MachineId"], entity["TenantId"], entity["Comment"],
-                   bool(entity["Verify"]), ids, bool(entity["FannedOut"]))  # fmt: skip
 
     def mark_fanned_out(self, key: str) -> None:
         entity = {"PartitionKey": key, "RowKey": JOB_ROW, "FannedOut": True}
@@ -88,9 +83,11 @@ class JobStore:
         entity = {"PartitionKey": key, "RowKey": action_id, "Outcome": json.dumps(outcome)}
         self._io(lambda: self._table.upsert_entity(entity, mode=UpdateMode.REPLACE))
 
-    def outcomes(self, key: str) -> dict[str, dict[str, Any]]:
+    def state(self, key: str) -> tuple[Job | None, dict[str, dict[str, Any]]]:
+        """The job and every action's outcome so far, in one partition query."""
         rows = self._io(lambda: list(self._table.query_entities("PartitionKey eq @pk", parameters={"pk": key})))
-        return {r["RowKey"]: json.loads(r["Outcome"]) for r in rows if r["RowKey"] not in (JOB_ROW, SUMMARY_ROW)}
+        job = next((_job(key, r) for r in rows if r["RowKey"] == JOB_ROW), None)
+        return job, {r["RowKey"]: json.loads(r["Outcome"]) for r in rows if r["RowKey"] not in (JOB_ROW, SUMMARY_ROW)}
 
     def claim_summary(self, key: str, owner: str) -> bool:
         """Whether `owner` sends the summary: the first to claim it, or that same owner again (its
@@ -110,3 +107,11 @@ class JobStore:
             raise StateStoreUnavailable(
                 f"The bulk job state cannot be reached: {type(exc).__name__}", retry_after=RETRY_AFTER_DOWN
             ) from None
+
+
+def _job(key: str, entity: Mapping[str, Any]) -> Job:
+    chunks = [entity[f"Actions{i}"] for i in range(int(entity["Total"]) // IDS_PER_PROPERTY + 1)
+              if entity.get(f"Actions{i}")]  # fmt: skip
+    ids = tuple(i for chunk in chunks for i in chunk.split(","))
+    return Job(key, entity["CorrelationId"], entity["MachineId"], entity["TenantId"], entity["Comment"],
+               bool(entity["Verify"]), ids, bool(entity["FannedOut"]))  # fmt: skip

@@ -102,8 +102,8 @@ def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> di
     try:
         payload = parse_json_object(body, "The message")
         if "machineId" in payload and "machineActionId" not in payload:  # a job; a cancel may name its machine
-            return bulk_job(body, dequeue_count, message_id)
-        message = parse_message(body, message_id)
+            return bulk_job(payload, dequeue_count, message_id)
+        message = message_from(payload, message_id)
         tenant = get_settings().tenants.resolve(message.tenant_ref)
     except (InvalidRequest, TenantNotFound) as exc:
         return rejected(body, exc, dequeue_count)
@@ -114,9 +114,8 @@ def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> di
     return result
 
 
-def bulk_job(body: bytes, dequeue_count: int, message_id: str | None) -> dict[str, Any] | None:
+def bulk_job(payload: dict[str, Any], dequeue_count: int, message_id: str | None) -> dict[str, Any] | None:
     """A bulk job message: its summary comes later, from the child that completes it."""
-    payload = parse_json_object(body, "The message")
     request = parse_bulk(payload.get("machineId"), payload, JOB_FIELDS)
     given, carried = _optional_id(payload, "correlationId"), _optional_id(payload, "messageId")
     tenant = get_settings().tenants.resolve(_optional_id(payload, "tenantId"))
@@ -164,7 +163,10 @@ class TransientUpstreamError(Exception):
 
 
 def parse_message(body: bytes, message_id: str | None = None) -> QueueCancel:
-    payload = parse_json_object(body, "The message")
+    return message_from(parse_json_object(body, "The message"), message_id)
+
+
+def message_from(payload: dict[str, Any], message_id: str | None = None) -> QueueCancel:
     given = _optional_id(payload, "correlationId")
     carried = _optional_id(payload, "messageId")
     attempts = _attempts(payload)

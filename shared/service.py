@@ -126,10 +126,6 @@ class CancelService:
     def defender(self) -> DefenderClient:
         return self._defender
 
-    @property
-    def tenant(self) -> Tenant:
-        return self._tenant
-
     def cancel(self, command: CancelCommand, max_wait: float = 0.0) -> CancelResult:
         """Cancel one machine action, at most once per idempotency key; with `command.verify`, then
         read it back until it is final or VERIFY_SECONDS pass.
