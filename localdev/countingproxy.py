@@ -11,12 +11,12 @@ import http.client
 import threading
 import time
 
-from localdev.loopback import LoopbackServer, Request, Response
+from localdev.loopback import LoopbackServer, LoopbackService, Request, Response
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "proxy-connection"}
 
 
-class CountingProxy:
+class CountingProxy(LoopbackService):
     WRITES = frozenset({"PUT", "POST", "MERGE", "PATCH", "DELETE"})
 
     def __init__(
@@ -30,17 +30,6 @@ class CountingProxy:
         self.requests: list[tuple[float, str, str]] = []  # (time.time(), method, path)
         self.applied: list[tuple[float, str]] = []  # (time.time(), path) of each write answered 2xx
         self._server = LoopbackServer(self.handle, port)
-
-    @property
-    def port(self) -> int:
-        return self._server.port
-
-    def start(self) -> CountingProxy:
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
 
     def count_since(self, since: float, path_contains: str = "") -> int:
         with self._lock:

@@ -29,7 +29,7 @@ from urllib.parse import urlencode
 
 from localdev import tokens
 from localdev.identity import HOME_TENANT
-from localdev.loopback import LoopbackServer, Request, Response
+from localdev.loopback import LoopbackServer, LoopbackService, Request, Response
 
 PUBLIC_AUDIENCE = "https://api.securitycenter.microsoft.com"
 DEFAULT_WINDOWS = ((100, 60.0), (1500, 3600.0))
@@ -90,7 +90,7 @@ class SimulatorState:
     fault: Fault | None = None
 
 
-class DefenderSimulator:
+class DefenderSimulator(LoopbackService):
     def __init__(
         self,
         port: int = 0,
@@ -113,25 +113,6 @@ class DefenderSimulator:
         self.state = SimulatorState()
         self._lock = threading.Lock()
         self._server = LoopbackServer(self.handle, port)
-
-    # --- lifecycle -------------------------------------------------------------------------
-    @property
-    def base_url(self) -> str:
-        return self._server.base_url
-
-    @property
-    def port(self) -> int:
-        return self._server.port
-
-    def start(self) -> DefenderSimulator:
-        self._server.start()
-        return self
-
-    def serve_forever(self) -> None:
-        self._server.serve_forever()
-
-    def stop(self) -> None:
-        self._server.stop()
 
     # --- test-facing API (also over HTTP under /_sim/) --------------------------------------
     def add_tenant(self, tenant_id: str) -> None:

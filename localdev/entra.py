@@ -34,7 +34,7 @@ from urllib.parse import parse_qs
 import trustme
 
 from localdev import tokens
-from localdev.loopback import LoopbackServer, Request, Response
+from localdev.loopback import LoopbackServer, LoopbackService, Request, Response
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 DEFAULT_ROLES = ("Machine.Isolate", "Machine.Scan", "Machine.CollectForensics", "Machine.RestrictExecution",
@@ -63,7 +63,7 @@ class TokenRequest:
     error: str | None  # the AADSTS code, or None when a token was issued
 
 
-class EntraEndpoint:
+class EntraEndpoint(LoopbackService):
     def __init__(self, port: int = 0, token_secret: str = tokens.DEFAULT_SECRET, lifetime: int = 3600) -> None:
         self.token_secret = token_secret
         self.lifetime = lifetime
@@ -84,15 +84,8 @@ class EntraEndpoint:
     def authority(self) -> str:
         return self._server.base_url
 
-    def start(self) -> EntraEndpoint:
-        self._server.start()
-        return self
-
-    def serve_forever(self) -> None:
-        self._server.serve_forever()
-
     def stop(self) -> None:
-        self._server.stop()
+        super().stop()
         self._dir.cleanup()
 
     # --- directory set-up (the admin's work in a real tenant) -------------------------------

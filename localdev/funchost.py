@@ -21,12 +21,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import unquote
 
 import azure.functions as func
 
-from localdev.loopback import LoopbackServer, Request, Response
+from localdev.loopback import LoopbackServer, LoopbackService, Request, Response
 from localdev.queuehost import QueueFunction, timespan_seconds
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def _route_pattern(prefix: str, route: str) -> re.Pattern[str]:
     return re.compile(f"/{regex}/?", re.IGNORECASE)
 
 
-class FunctionHost:
+class FunctionHost(LoopbackService):
     def __init__(self, root: Path, connection_string: str, keys: set[str], port: int = 7071) -> None:
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
@@ -83,12 +83,8 @@ class FunctionHost:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    @property
-    def port(self) -> int:
-        return self._server.port
-
-    def start(self) -> FunctionHost:
-        self._server.start()
+    def start(self) -> Self:
+        super().start()
         for function in self.queue:
             thread = threading.Thread(target=self._poll, args=(function,), name=f"queue-{function.queue_name}")
             thread.start()
@@ -97,7 +93,7 @@ class FunctionHost:
 
     def stop(self) -> None:
         self._stop.set()
-        self._server.stop()
+        super().stop()
         for thread in self._threads:
             thread.join(timeout=30)
 

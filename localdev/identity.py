@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 
 from localdev import tokens
-from localdev.loopback import LoopbackServer, Request, Response
+from localdev.loopback import LoopbackServer, LoopbackService, Request, Response
 
 TOKEN_PATH = "/msi/token"
 SYSTEM_IDENTITY = "00000000-0000-0000-0000-00000000a11d"
@@ -39,7 +39,7 @@ class IdentityFaults:
     delay: float = 0.0  # stall each answer this long
 
 
-class IdentityEndpoint:
+class IdentityEndpoint(LoopbackService):
     def __init__(
         self,
         port: int = 0,
@@ -61,20 +61,9 @@ class IdentityEndpoint:
     def endpoint(self) -> str:
         return self._server.base_url + TOKEN_PATH
 
-    @property
-    def port(self) -> int:
-        return self._server.port
-
     def env(self) -> dict[str, str]:
         """The variables the platform sets for the app (and azure-identity reads)."""
         return {"IDENTITY_ENDPOINT": self.endpoint, "IDENTITY_HEADER": self.header_secret}
-
-    def start(self) -> IdentityEndpoint:
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
 
     def serve_forever(self) -> None:
         self._server.serve_forever()

@@ -7,7 +7,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 LOOPBACK = "127.0.0.1"
@@ -68,6 +68,31 @@ class LoopbackServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class LoopbackService:
+    """A server of the local stack (simulator, identity and Entra endpoints, proxy, host): it serves
+    its `handle` on one LoopbackServer, whose lifecycle this delegates to."""
+
+    _server: LoopbackServer
+
+    @property
+    def base_url(self) -> str:
+        return self._server.base_url
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    def start(self) -> Self:
+        self._server.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._server.serve_forever()
+
+    def stop(self) -> None:
+        self._server.stop()
 
 
 def _handler_class(handle: Handler) -> type[BaseHTTPRequestHandler]:
