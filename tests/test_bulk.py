@@ -13,7 +13,7 @@ import pytest
 
 from localdev.defender import DefenderSimulator
 from localdev.windows import earliest, violations
-from tests.conftest import TOKEN_SECRET, body_of, http_cancel
+from tests.conftest import TOKEN_SECRET, body_of, call, http_cancel
 
 MACHINE = "7b1f4967d9728e5aa3c06a9e617a22a4a5a17378"
 # Defender's 100 per window, the window compressed from 60 s to 24 s: the 120th cancel waits for
@@ -42,16 +42,7 @@ def quotas(app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def cancel_pending(machine_id: str, body: Any, headers: dict[str, str] | None = None) -> func.HttpResponse:
-    from CancelPendingActions import main
-
-    request = func.HttpRequest(
-        method="POST",
-        url=f"http://localhost:7071/api/machines/{machine_id}/cancelPendingActions",
-        route_params={"machineId": machine_id},
-        headers=headers or {},
-        body=json.dumps(body).encode(),
-    )
-    return main(request)
+    return call("CancelPendingActions", json.dumps(body).encode(), headers, machineId=machine_id)
 
 
 def seed(sim: DefenderSimulator, pending: int) -> tuple[set[str], set[str]]:

@@ -7,13 +7,11 @@ import pytest
 
 from localdev.azurite import Azurite
 from localdev.defender import DefenderSimulator
-from tests.conftest import GUID, body_of, http_cancel
+from tests.conftest import GUID, body_of, call, http_cancel
 
 
 def get_quota() -> func.HttpResponse:
-    from GetQuota import main
-
-    return main(func.HttpRequest(method="GET", url="http://localhost:7071/api/quota", body=b""))
+    return call("GetQuota")
 
 
 def test_quota_used_up_gives_429_with_retry_after_and_no_upstream_call(

@@ -21,7 +21,7 @@ from localdev.identity import ISSUER_HOST, IdentityEndpoint, object_id
 from localdev.queuehost import QueueFunction
 from localdev.stack import LOCAL_IDENTITY, LOCAL_TENANT_APP, federate
 from shared import queue_api
-from tests.conftest import body_of, http_cancel
+from tests.conftest import body_of, call, http_cancel
 from tests.test_callers import principal
 from tests.test_queue import Queues, run_until_results
 
@@ -54,29 +54,12 @@ def tenants(
 
 
 def tenant_cancel(tenant: str, action_id: str, headers: dict[str, str] | None = None) -> func.HttpResponse:
-    from CancelTenantMachineAction import main
-
-    request = func.HttpRequest(
-        method="POST",
-        url=f"http://localhost:7071/api/tenants/{tenant}/machineactions/{action_id}/cancel",
-        route_params={"tenant": tenant, "actionId": action_id},
-        headers=headers or {},
-        body=b'{"Comment": "cancelled for a customer"}',
-    )
-    return main(request)
+    return call("CancelTenantMachineAction", b'{"Comment": "cancelled for a customer"}', headers, tenant=tenant,
+                actionId=action_id)  # fmt: skip
 
 
 def tenant_quota(tenant: str, headers: dict[str, str] | None = None) -> func.HttpResponse:
-    from GetTenantQuota import main
-
-    request = func.HttpRequest(
-        method="GET",
-        url=f"http://localhost:7071/api/tenants/{tenant}/quota",
-        route_params={"tenant": tenant},
-        headers=headers or {},
-        body=b"",
-    )
-    return main(request)
+    return call("GetTenantQuota", b"", headers, tenant=tenant)
 
 
 def exchange_requests(identity: IdentityEndpoint) -> int:
@@ -370,16 +353,8 @@ def test_defender_refuses_a_tenant_it_does_not_serve_and_the_answer_passes_throu
 
 
 def tenant_cancel_pending(tenant: str, machine_id: str, headers: dict[str, str] | None = None) -> func.HttpResponse:
-    from CancelTenantPendingActions import main
-
-    request = func.HttpRequest(
-        method="POST",
-        url=f"http://localhost:7071/api/tenants/{tenant}/machines/{machine_id}/cancelPendingActions",
-        route_params={"tenant": tenant, "machineId": machine_id},
-        headers=headers or {},
-        body=b'{"Comment": "customer machine reimaged"}',
-    )
-    return main(request)
+    return call("CancelTenantPendingActions", b'{"Comment": "customer machine reimaged"}', headers, tenant=tenant,
+                machineId=machine_id)  # fmt: skip
 
 
 def test_a_bulk_cancel_in_a_tenant_sees_and_cancels_only_that_tenants_actions(
