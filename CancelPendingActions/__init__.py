@@ -11,7 +11,7 @@ get_settings()  # a bad setting stops the function from loading; the host logs w
 
 
 def main(req: func.HttpRequest) -> func.HttpResponse:
-    reply = http_api.cancel_pending(req.route_params.get("machineId", ""), req.get_body(), req.headers)
+    reply = http_api.cancel_pending(req.route_params.get("machineId", ""), req.get_body(), req.headers, url=req.url)
     return func.HttpResponse(
         json.dumps(reply.body), status_code=reply.status, headers=reply.headers, mimetype="application/json"
     )

@@ -12,7 +12,9 @@ get_settings()  # a bad setting stops the function from loading; the host logs w
 
 def main(req: func.HttpRequest) -> func.HttpResponse:
     params = req.route_params
-    reply = http_api.cancel_pending(params.get("machineId", ""), req.get_body(), req.headers, params.get("tenant", ""))
+    reply = http_api.cancel_pending(
+        params.get("machineId", ""), req.get_body(), req.headers, params.get("tenant", ""), url=req.url
+    )
     return func.HttpResponse(
         json.dumps(reply.body), status_code=reply.status, headers=reply.headers, mimetype="application/json"
     )

@@ -32,7 +32,7 @@ class FixedWindowLimiter:
         table = table_client(settings.storage, settings.rate_limit_table)
         return cls(table, settings.rate_limit_key + "-fixed", settings.rate_limits)
 
-    def acquire(self, max_wait: float = 0.0, spent: int = 0) -> Permit:
+    def acquire(self, max_wait: float = 0.0, spent: int = 0, share: float = 1.0) -> Permit:
         deadline = time.time() + max_wait
         while True:
             wait = self._try_take()

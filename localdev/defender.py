@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -76,6 +77,7 @@ class Fault:
     status: int = 500
     seconds: float = 0.0  # "slow": stall this long before answering
     retry_after: int | None = None
+    body: str = ""  # "body": answer `status` with exactly this body (a JSON of the wrong shape, say)
 
 
 @dataclass
@@ -106,6 +108,8 @@ class DefenderSimulator(LoopbackService):
         self.page_size = page_size  # server-driven paging: at most this many per page, then @odata.nextLink
         self.api_windows = {k: tuple(sorted(v, key=lambda w: w[1])) for k, v in (api_windows or {}).items()}
         self.cancel_takes = cancel_takes  # an accepted cancel shows as Cancelled only this much later
+        self.after_list: Callable[[int], None] | None = None  # told each list page served (1, 2, ...)
+        self._pages_served = 0
         self.tenants = {home_tenant}  # onboarded to Defender
         self.windows = tuple(sorted(windows, key=lambda w: w[1]))
         self.audience = audience
@@ -261,6 +265,9 @@ class DefenderSimulator(LoopbackService):
                     found.append(entity)
         found.sort(key=lambda e: (e["creationDateTimeUtc"], e["id"]))
         page = found[skip : skip + min(top, self.page_size)]
+        self._pages_served += 1
+        if self.after_list is not None:  # e.g. an action ends between two pages
+            self.after_list(self._pages_served)
         body: dict[str, Any] = {"@odata.context": f"{PUBLIC_AUDIENCE}/api/$metadata#MachineActions",
                                 "value": [dict(e) for e in page]}  # fmt: skip
         if len(page) < top and skip + len(page) < len(found):
@@ -375,6 +382,9 @@ class DefenderSimulator(LoopbackService):
             return Response(
                 fault.status, raw=b"<html>upstream proxy error</html>", headers={"Content-Type": "text/html"}
             )
+        if fault.mode == "body":
+            extra = {"Retry-After": str(fault.retry_after)} if fault.retry_after else {}
+            return Response(fault.status, raw=fault.body.encode(), headers=extra)
         if fault.mode == "huge":
             return Response(200, raw=b'{"pad": "' + b"x" * (4 * 1024 * 1024) + b'"}')
         headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else None

@@ -23,14 +23,14 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import azure.functions as func
 import azure.functions.queue as azqueue
-from azure.core.exceptions import ResourceExistsError
+from azure.core.exceptions import AzureError, ResourceExistsError
 from azure.storage.queue import QueueClient, QueueMessage, TextBase64EncodePolicy
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,8 @@ class QueueFunction:
             trigger = azqueue.QueueMessage(  # type: ignore[no-untyped-call]
                 id=message.id, body=body, dequeue_count=message.dequeue_count,
                                         pop_receipt=message.pop_receipt)  # fmt: skip
-            self._main(**{self.trigger_name: trigger}, **outputs)
+            with self._renewing(message):
+                self._main(**{self.trigger_name: trigger}, **outputs)
         except Exception as exc:  # noqa: BLE001 - the host's rule: any failure is retried, then poisoned
             logger.warning("%s failed on message %s (dequeue %s): %r", self.queue_name, message.id,
                            message.dequeue_count, exc)  # fmt: skip
@@ -168,6 +169,32 @@ class QueueFunction:
             if value is not None:
                 self.client(self.outputs[name]).send_message(value)
         self.client(self.queue_name).delete_message(message)
+
+    @contextlib.contextmanager
+    def _renewing(self, message: QueueMessage) -> Iterator[None]:
+        """While the function runs, keep its message invisible, as Azure's host does: the lease is
+        renewed at half its length (the new pop receipt kept on the message), so a run longer than
+        the lease is never handed to another worker while it is still going."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self._lease / 2):
+                try:
+                    receipt = self.client(self.queue_name).update_message(
+                        message.id, message.pop_receipt, visibility_timeout=self._lease
+                    )
+                    message.pop_receipt = receipt.pop_receipt
+                except AzureError as exc:  # the message is gone or changed: nothing left to renew
+                    logger.warning("could not renew message %s: %s", message.id, type(exc).__name__)
+                    return
+
+        renewer = threading.Thread(target=renew, name="renew-" + str(message.id), daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join()
 
     def _decode(self, content: str) -> bytes:
         if not self.base64:

@@ -15,13 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.defender import QuotaGate
+from shared.defender import DEFAULT_RETRY_AFTER_SECONDS, QuotaGate, error_message
 from shared.errors import AppError, InvalidRequest, QuotaExceeded, error_body
 from shared.service import VERIFIED_ANSWERS, CancelResult, CancelService
 from shared.validation import CancelCommand, parse_comment, parse_flag
 
 OPEN_STATUSES = ("Pending", "InProgress")
 CONCURRENCY = 8  # cancels in flight at once (the Defender connection pool holds 16)
+MAX_LISTINGS = 4  # a first listing and up to three more, each after cancelling what was new
 # Defender's machine action types (MachineAction.type in its Swagger and REFERENCE.md).
 ACTION_TYPES = frozenset(
     {
@@ -91,7 +92,8 @@ def list_pending(
 ) -> Listing:
     """Every page of the machine's open actions. The first page waits for the list quota as long as
     a single call would (`first_wait`, QuotaExceeded past it); the next ones, needed to finish what
-    was started, until `until` (monotonic)."""
+    was started, until `until` (monotonic). Defender's 429 is QuotaExceeded too (the client held
+    the list quota for every instance); a page of the wrong shape is InvalidUpstreamResponse."""
     defender = service.defender
     url: str | None = defender.list_url(request.odata_filter())
     actions: list[dict[str, Any]] = []
@@ -99,18 +101,19 @@ def list_pending(
     while url:
         reply = defender.list_page(url, gate, first_wait if pages == 0 else max(0.0, until - time.monotonic()))
         pages += 1
-        value = reply.body.get("value") if reply.status == 200 and isinstance(reply.body, dict) else None
-        if not isinstance(value, list):
+        if reply.status == 429:
+            wait = reply.retry_after or DEFAULT_RETRY_AFTER_SECONDS
+            raise QuotaExceeded("Defender throttled the list of machine actions", wait_seconds=wait)
+        if reply.status != 200:
             return Listing(status=reply.status, body=_list_failure(reply.status, reply.body), pages=pages)
-        actions += [a for a in value if isinstance(a, dict) and a.get("status") in OPEN_STATUSES]
-        link = reply.body.get("@odata.nextLink")
-        url = link if isinstance(link, str) else None
+        actions += [a for a in reply.body["value"] if a["status"] in OPEN_STATUSES]  # shape checked by the client
+        url = reply.body.get("@odata.nextLink")
     return Listing(actions, pages=pages)
 
 
 def _list_failure(status: int, body: Any) -> Any:
     if status == 403:  # name the role the app is missing, keeping Defender's own words
-        said = body.get("error", {}).get("message", "") if isinstance(body, dict) else ""
+        said = error_message(body)
         return error_body("Forbidden", f"Defender refused to list: {READ_ROLES_HINT}. Defender said: {said}")
     return body
 
@@ -123,7 +126,7 @@ def outcome_of(status: int | None, body: Any) -> str:
     """cancelled (2xx), already_final (Defender's 400 for an action that ended meanwhile), failed."""
     if status is not None and 200 <= status < 300:
         return "cancelled"
-    if status == 400 and isinstance(body, dict) and "already" in str(body.get("error", {}).get("message", "")):
+    if status == 400 and "already" in error_message(body):
         return "already_final"
     return "failed"
 
@@ -160,13 +163,45 @@ def cancel_each(
         entry.update(outcome=outcome_of(result.status, result.body), status=result.status, body=result.body)
         return entry, result
 
+    def read_back(done: tuple[dict[str, Any], CancelResult | None]) -> None:
+        entry, answered = done
+        if answered is not None and answered.status in VERIFIED_ANSWERS:
+            entry["verifiedStatus"] = service.verify(str(entry["id"]), answered, verify_until).verified_status
+
     with ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="bulk") as pool:
         done = list(pool.map(one, actions))
-    if request.verify:
-        for entry, answered in done:
-            if answered is not None and answered.status in VERIFIED_ANSWERS:
-                entry["verifiedStatus"] = service.verify(str(entry["id"]), answered, verify_until).verified_status
+        if request.verify:  # read back side by side too: one after another would outlast the deadline
+            list(pool.map(read_back, done))
     return [entry for entry, _ in done]
+
+
+def cancel_converging(
+    service: CancelService,
+    gate: QuotaGate | None,
+    request: BulkRequest,
+    first: Listing,
+    cancel: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+    first_wait: float,
+    until: float,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Cancel what `first` found, then list again until a listing finds nothing new (at most
+    MAX_LISTINGS in all): Defender pages by `$skip`, so an action that ends between two pages shifts
+    the next page by one and hides an open action from that listing. Each listing waits for the list
+    quota as the first did (`first_wait`). Every action found, and the items `cancel` made of them."""
+    actions, items = list(first.actions), cancel(list(first.actions))
+    seen = {a["id"] for a in actions}
+    for _ in range(MAX_LISTINGS - 1):
+        try:
+            again = list_pending(service, gate, request, first_wait, until)
+        except AppError:  # no list slot in time, or no answer: what was found stands
+            break
+        new = [a for a in again.actions if a["id"] not in seen]
+        if again.status != 200 or not new:
+            break
+        seen.update(a["id"] for a in new)
+        actions += new
+        items += cancel(new)
+    return actions, items
 
 
 def summary(request: BulkRequest, actions: list[dict[str, Any]], items: list[dict[str, Any]] | None) -> dict[str, Any]:

@@ -32,12 +32,19 @@ from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionErro
 from shared.errors import OutcomeUnknown, QuotaExceeded, UpstreamTimeout, UpstreamUnavailable, error_body
 from shared.ratelimit import Permit
 from shared.token import TokenProvider
+from shared.validation import GUID
 
 CONNECT_TIMEOUT = 3.05
 MAX_BODY_BYTES = 1024 * 1024
 POOL_MAXSIZE = 16
 USER_AGENT = "cancel-machine-action-function/1.0"
 REQUEST_ID_HEADERS = ("request-id", "x-ms-request-id", "client-request-id")
+# The longest Retry-After we honour: Defender's longest window is an hour; a larger value is a
+# broken header, and held as an hour it still stops every instance.
+MAX_RETRY_AFTER_SECONDS = 3600
+DEFAULT_RETRY_AFTER_SECONDS = 60  # a 429 without Retry-After holds the quota this long
+# Defender's MachineAction.status values (its Swagger and REFERENCE.md).
+ACTION_STATUSES = frozenset({"Pending", "InProgress", "Succeeded", "Failed", "TimeOut", "Cancelled"})
 
 
 # Defender's answers given without acting: its throttle (held off, not retried: see RateLimiter.throttled)
@@ -47,6 +54,13 @@ REFUSED_BEFORE_ACTING = frozenset({429, 503})
 
 class NotSent(Exception):
     """No connection could be made: nothing reached Defender, so the attempt may be retried."""
+
+
+class InvalidUpstreamResponse(UpstreamUnavailable):
+    """Defender answered 200 with a body that is not the shape its API documents: an error naming
+    what was wrong, never read as an empty answer."""
+
+    code = "InvalidUpstreamResponse"
 
 
 @dataclass(frozen=True)
@@ -84,11 +98,15 @@ class UpstreamReply:
 class QuotaGate(Protocol):
     """The shared rate limiter, as a sender sees it (shared.ratelimit.RateLimiter)."""
 
-    def acquire(self, max_wait: float = 0.0, spent: int = 0) -> Permit:
-        """Return when a call may be sent now; raise QuotaExceeded or StateStoreUnavailable."""
+    def acquire(self, max_wait: float = 0.0, spent: int = 0, share: float = 1.0) -> Permit:
+        """Return when a call may be sent now, filling at most `share` of each window; raise
+        QuotaExceeded or StateStoreUnavailable."""
 
     def on_time(self, permit: Permit) -> bool:
         """Whether a send may still leave on `permit`."""
+
+    def throttled(self, retry_after: int) -> None:
+        """Defender answered 429 anyway: hold every instance off this API for `retry_after` seconds."""
 
 
 class Transport(Protocol):
@@ -140,16 +158,34 @@ class DefenderClient:
         url = f"{self._base_url}/api/machineactions/{action_id}/cancel"
         return self._send(url, json.dumps({"Comment": comment}), gate, max_wait, on_send)
 
-    def get_action(self, action_id: str, gate: QuotaGate | None = None, max_wait: float = 0.0) -> UpstreamReply:
-        """GET /api/machineactions/{id} (needs Machine.Read.All); on the get quota."""
-        return self._send(f"{self._base_url}/api/machineactions/{action_id}", None, gate, max_wait)
+    def get_action(
+        self, action_id: str, gate: QuotaGate | None = None, max_wait: float = 0.0, share: float = 1.0
+    ) -> UpstreamReply:
+        """GET /api/machineactions/{id} (needs Machine.Read.All); on the get quota, filling at most
+        `share` of it. A 200 is a MachineAction of that id with a known status
+        (InvalidUpstreamResponse otherwise)."""
+        reply = self._send(f"{self._base_url}/api/machineactions/{action_id}", None, gate, max_wait, share=share)
+        if reply.status == 200:
+            problem = action_problem(reply.body)
+            if problem is None and str(reply.body["id"]).lower() != action_id.lower():
+                problem = f"it describes action {reply.body['id']!r}, not {action_id!r}"
+            if problem:
+                raise InvalidUpstreamResponse(f"Defender's read of {action_id} is not a MachineAction: {problem}")
+        return reply
 
     def list_page(self, url: str, gate: QuotaGate | None = None, max_wait: float = 0.0) -> UpstreamReply:
         """One page of GET /api/machineactions: the first (`?$filter=...`) or an `@odata.nextLink`,
-        which must point at our own API root: the bearer token never goes anywhere else."""
+        which must point at our own API root: the bearer token never goes anywhere else. A 200 is
+        `{"value": [MachineAction...]}` with an optional string `@odata.nextLink`
+        (InvalidUpstreamResponse otherwise)."""
         if not url.startswith(self._base_url + "/api/machineactions?"):
             raise UpstreamUnavailable("Defender's next page link points outside the Defender API root")
-        return self._send(url, None, gate, max_wait)
+        reply = self._send(url, None, gate, max_wait)
+        if reply.status == 200:
+            problem = page_problem(reply.body)
+            if problem:
+                raise InvalidUpstreamResponse(f"Defender's list of machine actions is not a page of them: {problem}")
+        return reply
 
     def list_url(self, odata_filter: str) -> str:
         return f"{self._base_url}/api/machineactions?{urlencode({'$filter': odata_filter})}"
@@ -161,6 +197,7 @@ class DefenderClient:
         gate: QuotaGate | None,
         max_wait: float,
         on_send: Callable[[], None] | None = None,
+        share: float = 1.0,
     ) -> UpstreamReply:
         """One request under the policy: a POST when there is a payload, else a GET."""
         reply: UpstreamReply | None = None
@@ -177,7 +214,7 @@ class DefenderClient:
                 self._transport.warm(url)
                 admit_start = self._monotonic()
                 try:
-                    self._admit(gate, max_wait if attempt == 1 else 0.0)
+                    self._admit(gate, max_wait if attempt == 1 else 0.0, share)
                 finally:
                     waited += self._monotonic() - admit_start
                 if on_send is not None:
@@ -197,6 +234,8 @@ class DefenderClient:
                     raise
                 break  # no quota left for a retry: the last answer stands
             reply = _reply(status, raw, headers, attempt)
+            if status == 429 and gate is not None:  # every instance holds off this API, whichever it is
+                gate.throttled(reply.retry_after or DEFAULT_RETRY_AFTER_SECONDS)
             if not self._retry.retries(status):
                 break
         if reply is None:
@@ -212,14 +251,14 @@ class DefenderClient:
             raise OutcomeUnknown(exc) from None
 
     @staticmethod
-    def _admit(gate: QuotaGate | None, max_wait: float) -> None:
+    def _admit(gate: QuotaGate | None, max_wait: float, share: float) -> None:
         """Return when a slot to send on is good now; a stale one is asked again, within the
         limiter's bound on entries (StateStoreUnavailable past it)."""
         if gate is None:
             return
-        permit = gate.acquire(max_wait)
+        permit = gate.acquire(max_wait, share=share)
         while not gate.on_time(permit):
-            permit = gate.acquire(0.0, spent=permit.entries)
+            permit = gate.acquire(0.0, spent=permit.entries, share=share)
 
 
 def _headers(token: str, json_body: bool = True) -> dict[str, str]:
@@ -343,4 +382,37 @@ def parse_retry_after(value: str | None) -> int | None:
             return None
     if not math.isfinite(seconds):
         return None
-    return max(1, math.ceil(seconds))
+    return min(MAX_RETRY_AFTER_SECONDS, max(1, math.ceil(seconds)))
+
+
+def action_problem(body: Any) -> str | None:
+    """What makes `body` not a MachineAction we can rely on (a GUID id and a known status), or None."""
+    if not isinstance(body, dict):
+        return f"a JSON {type(body).__name__}, not an object"
+    if not isinstance(body.get("id"), str) or not GUID.fullmatch(body["id"]):
+        return f"its id is {body.get('id')!r}, not a GUID"
+    if body.get("status") not in ACTION_STATUSES:
+        return f"its status is {body.get('status')!r}, not one of {', '.join(sorted(ACTION_STATUSES))}"
+    return None
+
+
+def page_problem(body: Any) -> str | None:
+    """What makes `body` not a page of MachineActions, or None."""
+    if not isinstance(body, dict) or not isinstance(body.get("value"), list):
+        return "it has no 'value' list"
+    link = body.get("@odata.nextLink")
+    if link is not None and not isinstance(link, str):
+        return "its '@odata.nextLink' is not a string"
+    for position, entry in enumerate(body["value"]):
+        problem = action_problem(entry)
+        if problem:
+            return f"entry {position}: {problem}"
+    return None
+
+
+def error_message(body: Any) -> str:
+    """The message of Defender's error shape, whatever the body's shape ('' when it has none)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or "")
+    return error if isinstance(error, str) else ""

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
+import re
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from shared import bulk, logs
 from shared.app import get_app, get_settings
 from shared.callers import caller_scope, caller_tenant
 from shared.errors import AppError, SettingsError, error_body
 from shared.ratelimit import WindowStats
-from shared.settings import HTTP_RESPONSE_LIMIT_SECONDS
 from shared.validation import (
     bulk_key,
     correlation_id,
@@ -29,7 +33,12 @@ CORRELATION_HEADER = "x-correlation-id"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 VERIFIED_HEADER = "x-verified-status"
-BULK_MARGIN_SECONDS = 10.0  # a bulk answer leaves this much of Azure's 230 s unused
+# A bulk request answers at once only when it surely ends by then, else 202 and a status route:
+# "The Logic Apps engine will timeout by default after 1-2 minutes of an open HTTP Request"
+# (logicappsio/LogicAppsAsyncResponseSample, the asynchronous pattern Logic Apps follows).
+INLINE_ANSWER_SECONDS = 100.0
+POLL_SECONDS = (2, 30)  # the Retry-After of a 202: at least, at most
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -66,9 +75,13 @@ def cancel(action_id: str, body: bytes, headers: Mapping[str, str], tenant_ref: 
     return Reply(result.status, result.body, reply_headers)
 
 
-def cancel_pending(machine_id: str, body: bytes, headers: Mapping[str, str], tenant_ref: str | None = None) -> Reply:
+def cancel_pending(
+    machine_id: str, body: bytes, headers: Mapping[str, str], tenant_ref: str | None = None, url: str = ""
+) -> Reply:
     """POST /api/machines/{machineId}/cancelPendingActions (or under /api/tenants/{tenant}/): list,
-    cancel each, sum up."""
+    then cancel each and sum up at once when that surely ends within INLINE_ANSWER_SECONDS; else
+    continue as a durable job and answer 202 with its status route (the asynchronous request-reply
+    pattern Logic Apps follows by itself)."""
     correlation = correlation_id(headers.get(CORRELATION_HEADER))
     reply_headers = {CORRELATION_HEADER: correlation}
     started = time.monotonic()
@@ -79,25 +92,97 @@ def cancel_pending(machine_id: str, body: bytes, headers: Mapping[str, str], ten
         request = bulk.parse_bulk(machine_id, parse_json_object(body))
         key = parse_idempotency_key(headers.get(IDEMPOTENCY_HEADER))
         path = get_app().of(tenant)
-        # Azure cuts an HTTP answer at 230 s: cancels start early enough to end, with their reads, by then.
-        verify_until = started + HTTP_RESPONSE_LIMIT_SECONDS - BULK_MARGIN_SECONDS - settings.timeout_seconds
+        # Reads end by the answer's deadline, cancels early enough for their reads to fit before it.
+        verify_until = started + INLINE_ANSWER_SECONDS - settings.timeout_seconds
         cancel_until = verify_until - (settings.verify_seconds if request.verify else 0.0)
         listing = bulk.list_pending(
             path.service, path.quotas["list"], request, settings.http_max_wait_seconds, cancel_until
         )
+        if listing.status != 200:
+            return Reply(listing.status, listing.body, reply_headers)
+        if request.dry_run:
+            return Reply(200, bulk.summary(request, listing.actions, None), reply_headers)
+        eta = path.limiter.seconds_for(len(listing.actions))
+        if time.monotonic() + eta + settings.timeout_seconds > cancel_until:  # not surely in time: a job
+            from shared import bulk_queue  # the job store, only when a job is made (a cold start skips it)
+
+            job_id = _job_id(scope, key, request)
+            job = bulk_queue.open_http(request, job_id, tenant, scope, listing)
+            accepted = {**_progress(job_id, job.action_ids, {}), "correlationId": correlation}
+            return Reply(202, accepted, {**reply_headers, **_poll_headers(url, job_id, eta)})
     except AppError as exc:
         return error_reply(exc, correlation, reply_headers)
-    if listing.status != 200:
-        return Reply(listing.status, listing.body, reply_headers)
-    items = None
-    if not request.dry_run:
 
-        def action_key(action_id: str) -> str | None:
-            return bulk_key(scope, key, action_id) if key else None
+    def action_key(action_id: str) -> str | None:
+        return bulk_key(scope, key, action_id) if key else None
 
-        items = bulk.cancel_each(path.service, listing.actions, request, correlation, action_key, cancel_until,
-                                 verify_until, scope)  # fmt: skip
-    return Reply(200, bulk.summary(request, listing.actions, items), reply_headers)
+    def cancel(actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return bulk.cancel_each(path.service, actions, request, correlation, action_key, cancel_until, verify_until,
+                                scope)  # fmt: skip
+
+    found, items = bulk.cancel_converging(
+        path.service, path.quotas["list"], request, listing, cancel, settings.http_max_wait_seconds, cancel_until
+    )
+    return Reply(200, bulk.summary(request, found, items), reply_headers)
+
+
+def pending_job(
+    machine_id: str, job_id: str, headers: Mapping[str, str], tenant_ref: str | None = None, url: str = ""
+) -> Reply:
+    """GET /api/machines/{machineId}/cancelPendingActions/{jobId} (or under /api/tenants/{tenant}/):
+    202 with `Location` and `Retry-After` while the job runs, then 200 with its summary. Only the
+    caller that started the job may read it; any other gets 404, as for a job that does not exist."""
+    from shared import bulk_queue
+    from shared.jobs import job_key
+
+    correlation = correlation_id(headers.get(CORRELATION_HEADER))
+    reply_headers = {CORRELATION_HEADER: correlation}
+    try:
+        settings = get_settings()
+        tenant = caller_tenant(headers, settings.callers, settings.tenants, tenant_ref)
+        scope = caller_scope(headers, settings.allowed_callers)
+        machine = bulk.parse_machine_id(machine_id)
+        if not _JOB_ID.fullmatch(job_id):
+            raise JobNotFound("No bulk job has this id")
+        state = bulk_queue.jobs().state(job_key(tenant.id, job_id, machine, ()))
+        job = state.job
+        if job is None or job.origin != "http" or job.caller != scope:
+            raise JobNotFound("No bulk job has this id")
+        if not state.concluded:
+            eta = get_app().of(tenant).limiter.seconds_for(len(job.action_ids) - len(state.outcomes))
+            progress = _progress(job_id, job.action_ids, state.outcomes)
+            return Reply(202, progress, {**reply_headers, **_poll_headers(url, job_id, eta, here=True)})
+    except AppError as exc:
+        return error_reply(exc, correlation, reply_headers)
+    summary = bulk_queue.summary_of(job, state.outcomes)
+    return Reply(200, {"jobId": job_id, "dryRun": False, **summary, "notAttempted": 0}, reply_headers)
+
+
+class JobNotFound(AppError):
+    status = 404
+    code = "ResourceNotFound"
+
+
+def _job_id(scope: str, key: str | None, request: bulk.BulkRequest) -> str:
+    """A new job per request; with an Idempotency-Key, the same job for a repeat of it."""
+    if key is None:
+        return uuid.uuid4().hex
+    return hashlib.sha256("|".join((scope, key, request.machine_id, *request.types)).encode()).hexdigest()[:32]
+
+
+def _progress(job_id: str, action_ids: Sequence[str], outcomes: Mapping[str, Any]) -> dict[str, Any]:
+    return {"jobId": job_id, "status": "running", "found": len(action_ids), "done": len(outcomes)}
+
+
+def _poll_headers(url: str, job_id: str, eta: float, here: bool = False) -> dict[str, str]:
+    """`Location` (the status route, with the request's `code` if it had one: a poll carries no
+    other key) and `Retry-After` (about when the job should be done, within POLL_SECONDS)."""
+    parts = urlsplit(url)
+    status_path = parts.path if here else f"{parts.path.rstrip('/')}/{job_id}"
+    code = parse_qs(parts.query).get("code")
+    location = urlunsplit((parts.scheme, parts.netloc, status_path, urlencode({"code": code[0]}) if code else "", ""))
+    wait = min(POLL_SECONDS[1], max(POLL_SECONDS[0], math.ceil(eta)))
+    return {"Location": location, "Retry-After": str(wait)}
 
 
 def quota(request_headers: Mapping[str, str], tenant_ref: str | None = None) -> Reply:

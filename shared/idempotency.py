@@ -10,6 +10,13 @@ request takes the key over as an *abandoned* claim, and the service reads Defend
 action before anything else (shared.service): the dead holder's cancel took effect, it never
 sent, or (no read) the key settles as "outcome unknown" and is never sent again. An answer older
 than 24 h frees its key for any new request.
+
+The lease is judged on the store's clock alone: a claim's age is the response's `Date` less the
+record's `Timestamp`, both stamped by the store (Date is truncated to the second, which only makes
+a claim look younger). The holder counts its lease from before it wrote the claim. So a slow write
+or any clock skew between instances can only shorten a holder's time, never let a taker in while the
+holder may still send: the holder starts its send within lease minus budget of starting the claim,
+which is before the store stamped it.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
 from azure.core import MatchConditions
@@ -43,6 +51,23 @@ COMPLETE_TRIES = 3
 COMPLETE_BACKOFF = 0.2
 
 
+# Record states: a holder is sending (in_flight); a taken-over key still to be read back before
+# anything is sent (abandoned); Defender's answer is kept (done).
+IN_FLIGHT, ABANDONED, DONE = "in_flight", "abandoned", "done"
+
+
+def store_age(entity: Mapping[str, Any], date: str | None) -> float | None:
+    """Seconds since the store last wrote `entity`, on the store's own clock (its reply's Date less
+    the entity's Timestamp); None when either is missing."""
+    stamped = getattr(entity, "metadata", {}).get("timestamp")
+    if stamped is None or not date:
+        return None
+    try:
+        return float(parsedate_to_datetime(date).timestamp() - stamped.timestamp())
+    except (TypeError, ValueError):
+        return None
+
+
 def _unavailable(exc: AzureError) -> StateStoreUnavailable:
     return StateStoreUnavailable(f"The idempotency records cannot be reached: {type(exc).__name__}", retry_after=5)
 
@@ -54,13 +79,16 @@ class IdempotencyStore:
         lease_seconds: float = 360.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        age: Callable[[Mapping[str, Any], str | None], float | None] = store_age,
     ) -> None:
-        """`lease_seconds`: after this long an in-flight claim is taken to be abandoned (its holder
-        died); settings make it longer than any live holder's wait plus Defender's budget."""
+        """`lease_seconds`: after this long (on the store's clock: `age`) an in-flight claim is taken
+        to be abandoned (its holder died); settings make it longer than any live holder's wait plus
+        Defender's budget. `clock` stamps answers for their 24 h."""
         self._table = table
         self.lease_seconds = lease_seconds
         self._clock = clock
         self._sleep = sleep
+        self._age = age
 
     @staticmethod
     def partition(key: str) -> str:
@@ -82,28 +110,32 @@ class IdempotencyStore:
 
     def _in_flight(self, key: str, action_id: str) -> dict[str, Any]:
         return {"PartitionKey": self.partition(key), "RowKey": ROW_KEY, "ActionId": action_id,
-                "State": "in_flight", "ClaimedAt": self._clock()}  # fmt: skip
+                "State": IN_FLIGHT, "ClaimedAt": self._clock()}  # fmt: skip
 
     def _existing(self, key: str, action_id: str) -> StoredAnswer | Claim:
+        date: dict[str, str] = {}
         try:
-            entity = self._table.get_entity(self.partition(key), ROW_KEY)
+            entity = self._table.get_entity(
+                self.partition(key), ROW_KEY, raw_response_hook=lambda r: date.update(d=r.http_response.headers["Date"])
+            )
         except ResourceNotFoundError:  # released between our insert and read: race for it again
             return self.claim(key, action_id)
         except AzureError as exc:
             raise _unavailable(exc) from None
-        now = self._clock()
-        answered = entity.get("State") == "done" and now - float(entity.get("CompletedAt", 0)) < TTL_SECONDS
-        in_flight = entity.get("State") == "in_flight"
-        if (answered or in_flight) and entity.get("ActionId") != action_id:
+        state = entity.get("State")
+        answered = state == DONE and self._clock() - float(entity.get("CompletedAt", 0)) < TTL_SECONDS
+        held = state in (IN_FLIGHT, ABANDONED)
+        if (answered or held) and entity.get("ActionId") != action_id:
             raise KeyReused("This idempotency key was already used for another machine action")
         if answered:
             return StoredAnswer(int(entity["Status"]), unpack_body(entity))
-        if in_flight and now - float(entity.get("ClaimedAt", 0)) < self.lease_seconds:
-            raise RequestInProgress("A request with this idempotency key is still in progress", retry_after=5)
+        if state == IN_FLIGHT:
+            age = self._age(entity, date.get("d"))
+            if age is None or age < self.lease_seconds:  # no store time: never judged dead on ours
+                raise RequestInProgress("A request with this idempotency key is still in progress", retry_after=5)
         etag = str(entity.metadata["etag"])
-        if in_flight:  # its holder died, maybe after sending: take it over, to read what it did first
-            return Claim(key, action_id, self._replace(self._in_flight(key, action_id), etag), abandoned=True)
-        return Claim(key, action_id, self._replace(self._in_flight(key, action_id), etag))  # an expired answer
+        # A holder that died (maybe after sending), or a key handed back unread: read what it did first.
+        return Claim(key, action_id, self._replace(self._in_flight(key, action_id), etag), abandoned=held)
 
     def _replace(self, entity: dict[str, Any], etag: str) -> str:
         """Replace the record if it is still at `etag`; its new ETag. Someone else first: 409."""
@@ -122,7 +154,7 @@ class IdempotencyStore:
         if packed is None:  # replay an honest error, never Defender's status with a stand-in body
             note = error_body("AnswerNotStored", f"Defender answered {status}; its answer was too large to keep")
             status, packed = UNKNOWN_STATUS, pack_body(note) or {}
-        return {"PartitionKey": self.partition(key), "RowKey": ROW_KEY, "ActionId": action_id, "State": "done",
+        return {"PartitionKey": self.partition(key), "RowKey": ROW_KEY, "ActionId": action_id, "State": DONE,
                 "Status": status, "CompletedAt": self._clock(), **packed}  # fmt: skip
 
     def complete(self, claim: Claim, status: int, body: Any) -> None:
@@ -164,6 +196,20 @@ class IdempotencyStore:
             pass  # taken over or gone: not ours to delete
         except AzureError as exc:  # the claim lapses after its lease instead
             logger.error("could not release an idempotency key (%s)", type(exc).__name__)
+
+    def abandon(self, claim: Claim) -> None:
+        """Hand a taken-over key back unread (no read of Defender could be made now), if the claim
+        still holds: the next request takes it over at once and reads first. If this fails too, the
+        claim lapses after its lease, to the same effect."""
+        entity = {**self._in_flight(claim.key, claim.action_id), "State": ABANDONED}
+        try:
+            self._table.update_entity(
+                entity, mode=UpdateMode.REPLACE, etag=claim.etag, match_condition=MatchConditions.IfNotModified
+            )
+        except (ResourceModifiedError, ResourceNotFoundError):
+            pass  # taken over or gone: not ours to hand back
+        except AzureError as exc:
+            logger.error("could not hand back an idempotency key (%s)", type(exc).__name__)
 
 
 def pack_body(body: Any) -> dict[str, bytes | int] | None:

@@ -53,8 +53,8 @@ IN_FLIGHT_DEFER_SECONDS = 5
 MAX_VISIBILITY_SECONDS = 7 * 24 * 3600
 MAX_QUOTED_CHARS = 8192
 _ID_RULE = "1 to 128 letters, digits or . _ : -"
-_JOB_KEY = re.compile(r"[A-Za-z0-9._:\-]{1,64}\|[A-Za-z0-9._:\-]{1,128}")
-JOB_FIELDS = frozenset({"machineId", "correlationId", "tenantId", "messageId", "attempts"})
+_JOB_KEY = re.compile(r"[A-Za-z0-9._:\-]{1,64}\|[A-Za-z0-9._:\-]{1,128}\|[0-9a-f]{40}\|[A-Za-z+]{1,400}")
+JOB_FIELDS = frozenset({"machineId", "correlationId", "tenantId", "messageId", "attempts", "bulkRound"})
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,18 @@ def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> di
         if "machineId" in payload and "machineActionId" not in payload:  # a job; a cancel may name its machine
             return bulk_job(payload, dequeue_count, message_id)
         message = message_from(payload, message_id)
-        tenant = get_settings().tenants.resolve(message.tenant_ref)
     except (InvalidRequest, TenantNotFound) as exc:
+        return rejected(body, exc, dequeue_count)
+    try:
+        tenant = get_settings().tenants.resolve(message.tenant_ref)
+        if message.bulk_job:
+            _check_child(message, tenant.id)
+    except (InvalidRequest, TenantNotFound) as exc:
+        if message.bulk_job and isinstance(exc, TenantNotFound) and _child_of_own_job(message):
+            # its tenant was removed mid-job: the job records the refusal, so its summary still comes
+            answer = rejected(body, exc, dequeue_count)
+            bulk_queue.finish(message.bulk_job, answer, message_id or message.message_id)
+            return None
         return rejected(body, exc, dequeue_count)
     result = cancel(message, tenant, dequeue_count, body)
     if result is not None and message.bulk_job:
@@ -114,19 +124,48 @@ def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> di
     return result
 
 
+def _check_child(message: QueueCancel, tenant_id: str) -> None:
+    """A bulk child is cancelled only for a stored job of its own tenant that lists its action: a
+    forged or stale `bulkJob` can neither cancel through a job nor complete another's."""
+    job = bulk_queue.jobs().get(str(message.bulk_job))
+    if job is None:
+        raise InvalidRequest("bulkJob names no bulk job this app stored", code="InvalidRequestBody")
+    if job.tenant_id != tenant_id or message.action_id not in job.action_ids:
+        raise InvalidRequest("bulkJob's job does not list this action for this tenant", code="InvalidRequestBody")
+
+
+def _child_of_own_job(message: QueueCancel) -> bool:
+    job = bulk_queue.jobs().get(str(message.bulk_job))
+    return job is not None and job.tenant_id == message.tenant_ref and message.action_id in job.action_ids
+
+
 def bulk_job(payload: dict[str, Any], dequeue_count: int, message_id: str | None) -> dict[str, Any] | None:
-    """A bulk job message: its summary comes later, from the child that completes it."""
+    """A bulk job message (or its continuation, `bulkRound`): its summary comes later, from the
+    child that completes it."""
     request = parse_bulk(payload.get("machineId"), payload, JOB_FIELDS)
     given, carried = _optional_id(payload, "correlationId"), _optional_id(payload, "messageId")
     tenant = get_settings().tenants.resolve(_optional_id(payload, "tenantId"))
+    bulk_round = _bulk_round(payload)
     job_id = given or carried or message_id or correlation_id(None)
     try:
-        return bulk_queue.start(request, job_id, tenant, owner=message_id or job_id)
-    except QuotaExceeded as exc:  # no list slot yet: the job comes back when one frees
+        return bulk_queue.start(request, job_id, tenant, owner=message_id or job_id, bulk_round=bulk_round)
+    except QuotaExceeded as exc:  # no list slot yet (or Defender's 429): the job comes back when one frees
         again = {**payload, "attempts": _attempts(payload) + dequeue_count, **({} if given else {"messageId": job_id})}
         delay = max(1, min(int(exc.wait_seconds), MAX_VISIBILITY_SECONDS))
         queue_client(get_settings().queue_storage, QUEUE).send_message(json.dumps(again), visibility_timeout=delay)
         return None
+    except AppError as exc:  # a list that could not be made (a read: safe to retry); the last try answers
+        if dequeue_count >= get_settings().max_dequeue_count:
+            return _message(job_id, None, tenant.id, None, error_body(exc.code, exc.message), "failed",
+                            _attempts(payload) + dequeue_count)  # fmt: skip
+        raise
+
+
+def _bulk_round(payload: dict[str, Any]) -> int | None:
+    value = payload.get("bulkRound")
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise InvalidRequest("bulkRound must be a listing round this app wrote", code="InvalidRequestBody")
+    return value
 
 
 def cancel(message: QueueCancel, tenant: Tenant, dequeue_count: int, body: bytes) -> dict[str, Any] | None:

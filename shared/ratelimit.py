@@ -30,12 +30,17 @@ tests/test_simulation.py:
    instances with different RATE_LIMITS on one key never trim each other's log.
 5. A conditional write whose reply was lost (the SDK's retry then hears 412) is recognised on the
    re-read as our own and kept, not written again.
+6. An admission with a share s < 1 (a lower class of work, e.g. verify reads beside the read-back
+   that protects at-most-once) is placed only where every window, counting every logged send of
+   any class, still has fewer than floor(s * limit) sends: the rest of each window stays free for
+   the full-share class, which is never queued behind it.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import math
 import random
 import secrets
 import statistics
@@ -77,6 +82,14 @@ class Window:
 
 def windows_with_margin(windows: Sequence[RateWindow], margin_ms: int) -> tuple[Window, ...]:
     return tuple(Window(w.limit, round(w.seconds * 1000) + margin_ms) for w in windows)
+
+
+def shared_windows(windows: Sequence[Window], share: float) -> tuple[Window, ...]:
+    """The windows as a class with `share` of each limit sees them (invariant 6): the same length,
+    floor(share * limit) sends (at least one)."""
+    if share >= 1.0:
+        return tuple(windows)
+    return tuple(Window(max(1, math.floor(w.limit * share)), w.ms) for w in windows)
 
 
 def earliest_slot(log: Sequence[int], windows: Sequence[Window], not_before: int, blocked_until: int = 0) -> int:
@@ -194,11 +207,13 @@ class RateLimiter:
         self._latencies: deque[int] = deque(maxlen=LATENCY_SAMPLES)
         self._lock = threading.Lock()
 
-    def acquire(self, max_wait: float = 0.0, spent: int = 0) -> Permit:
+    def acquire(self, max_wait: float = 0.0, spent: int = 0, share: float = 1.0) -> Permit:
         """Return at the moment a call may be sent; raise QuotaExceeded when that is past `max_wait`,
         StateStoreUnavailable when the store cannot admit it within MAX_ENTRIES_PER_ADMISSION entries
-        (`spent`: entries this send's admission already wrote, e.g. a permit that came too late)."""
+        (`spent`: entries this send's admission already wrote, e.g. a permit that came too late).
+        `share`: the part of every window this admission may fill (invariant 6)."""
         max_wait_ms = int(max_wait * 1000)
+        windows = shared_windows(self._windows, share)
         conflicts = 0
         lead: int | None = None
         while True:
@@ -208,7 +223,7 @@ class RateLimiter:
                     retry_after=RETRY_AFTER_SLOW_STORE,
                 )
             with self._lock:  # threads of one instance take turns at the record (sleeping is outside)
-                decision = self._reserve(max_wait_ms, lead)
+                decision = self._reserve(max_wait_ms, lead, windows)
             if decision is None:
                 conflicts += 1
                 if conflicts > MAX_CONFLICTS:
@@ -220,7 +235,7 @@ class RateLimiter:
             if written > slot + self.slip_ms:
                 lead = min(MAX_RESERVE_MS, (written - started) * 3 // 2 + 1)  # give it up; reserve further ahead
                 continue
-            if slot > written and not self._may_go_early(snap, slot, slot - written):
+            if slot > written and not self._may_go_early(snap, slot, slot - written, windows):
                 self._sleep((slot - written) / 1000)
             return Permit(slot, spent)
 
@@ -228,14 +243,16 @@ class RateLimiter:
         """Whether a send may still leave on `permit` (invariant 1): ask right before sending."""
         return self._clock() <= permit.slot + self.slip_ms
 
-    def _reserve(self, max_wait_ms: int, lead: int | None) -> tuple[Snapshot, int, int, int] | None:
+    def _reserve(
+        self, max_wait_ms: int, lead: int | None, windows: Sequence[Window]
+    ) -> tuple[Snapshot, int, int, int] | None:
         """Write the next free slot to the record: (the snapshot it was placed in, the slot, when the
         write started, when it came back); None on a conflict. Raises QuotaExceeded past `max_wait_ms`."""
         while True:
             snap = self._snapshot(fresh=self._read_first > 0 or self._cached is None)
             now = self._clock()
             reserve = lead if lead is not None else self._reserve_ms()
-            slot = earliest_slot(snap.log, self._windows, now + reserve, snap.blocked_until)
+            slot = earliest_slot(snap.log, windows, now + reserve, snap.blocked_until)
             # Up to SCHEDULING_MS (or our own lead) of delay is scheduling, not a full window: such a
             # caller waits rather than hears 429.
             if slot - now > max_wait_ms + max(SCHEDULING_MS, reserve):
@@ -262,13 +279,13 @@ class RateLimiter:
         only its reply was lost, the SDK's retry then heard 412); if so it stands as our admission."""
         return nonce in self._snapshot(fresh=True).writers.split(",")
 
-    def _may_go_early(self, snap: Snapshot, slot: int, early_ms: int) -> bool:
+    def _may_go_early(self, snap: Snapshot, slot: int, early_ms: int, windows: Sequence[Window]) -> bool:
         """Whether the call may leave `early_ms` before its slot: only when every window would still
         admit it with the window stretched by that much, so it cannot be the call that fills one.
         (An uncontended call then goes at once instead of sleeping out its reservation.)"""
         if early_ms > MAX_EARLY_MS or snap.blocked_until > slot - early_ms:
             return False
-        stretched = [Window(w.limit, w.ms + early_ms) for w in self._windows]
+        stretched = [Window(w.limit, w.ms + early_ms) for w in windows]
         return earliest_slot(snap.log, stretched, 0) <= slot
 
     def throttled(self, retry_after: int) -> None:
@@ -289,6 +306,18 @@ class RateLimiter:
             logger.warning("could not record Defender's Retry-After: the rate limit record is too contended")
         except StateStoreUnavailable as exc:
             logger.warning("could not record Defender's Retry-After: %s", exc.message)
+
+    def seconds_for(self, count: int) -> float:
+        """How long from now until `count` more sends would all have left, placed one after another in
+        the log as it is now (a fresh read); 0 when they all fit at once."""
+        with self._lock:
+            snap = self._snapshot(fresh=True)
+        now = self._clock()
+        log, last = list(snap.log), now
+        for _ in range(count):
+            last = earliest_slot(log, self._windows, now, snap.blocked_until)
+            log.append(last)  # never before the newest entry: the log stays sorted
+        return max(0, last - now) / 1000
 
     def stats(self) -> tuple[list[WindowStats], int]:
         """Each window's use now, from a fresh read; and the blocked-until time (epoch ms, 0 = none)."""

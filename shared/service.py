@@ -10,8 +10,15 @@ from typing import Any, Protocol
 
 from shared import defender, logs
 from shared.audit import AuditLog, AuditRecord
-from shared.defender import DefenderClient
-from shared.errors import AppError, OutcomeUnknown, StateStoreUnavailable, error_body
+from shared.defender import DefenderClient, QuotaGate
+from shared.errors import (
+    AppError,
+    OutcomeUnknown,
+    QuotaExceeded,
+    StateStoreUnavailable,
+    UpstreamUnavailable,
+    error_body,
+)
 from shared.tenants import HOME, Tenant
 from shared.validation import CancelCommand
 
@@ -19,13 +26,10 @@ FINAL_STATUSES = frozenset({"Succeeded", "Failed", "TimeOut", "Cancelled"})  # D
 VERIFIED_ANSWERS = frozenset({200, 400})  # cancelled, or "already final": worth reading back
 FIRST_POLL_SECONDS = 0.5
 MAX_POLL_SECONDS = 4.0
-
-
-class QuotaGate(defender.QuotaGate, Protocol):
-    """The shared rate limiter, as the service sees it."""
-
-    def throttled(self, retry_after: int) -> None:
-        """Defender answered 429 anyway: hold every instance off for `retry_after` seconds."""
+# Verify reads may fill at most this part of every get window: the rest is kept for the read-back of
+# a taken-over key, which guards at-most-once and must never starve behind them (invariant 6 of
+# shared.ratelimit).
+VERIFY_READ_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class AnswerStore(Protocol):
 
     def release(self, claim: Claim) -> None: ...
 
+    def abandon(self, claim: Claim) -> None: ...
+
 
 @dataclass(frozen=True)
 class CancelResult:
@@ -107,7 +113,7 @@ class CancelService:
         budget_seconds: float = 30.0,
         monotonic: Callable[[], float] = time.monotonic,
         tenant: Tenant | None = None,
-        reads: defender.QuotaGate | None = None,
+        reads: QuotaGate | None = None,
         verify_seconds: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -159,7 +165,9 @@ class CancelService:
         pause, status, body = FIRST_POLL_SECONDS, "Unverified", None
         while True:
             try:
-                reply = self._defender.get_action(action_id, self._reads, max(0.0, deadline - self._monotonic()))
+                reply = self._defender.get_action(
+                    action_id, self._reads, max(0.0, deadline - self._monotonic()), share=VERIFY_READ_SHARE
+                )
             except AppError as exc:  # no slot in time, or no answer: unverified
                 body = error_body(exc.code, exc.message)
                 break
@@ -178,16 +186,21 @@ class CancelService:
         key = self._scoped(command.idempotency_key)
         if key is None or self._answers is None:
             return self._call(command, max_wait, None)
+        # The lease is counted from before the claim is written (the store stamps it later, and a
+        # taker judges it by the store's clock), so a slow write shortens this holder's time, never
+        # the taker's wait. The send must start while the lease can still cover Defender's budget.
+        fence = self._monotonic() + self._answers.lease_seconds - self._budget
         held = self._answers.claim(key, command.action_id)
         if isinstance(held, StoredAnswer):
             return CancelResult(held.status, held.body, replayed=True)
         if held.abandoned:
-            known = self._what_the_dead_holder_did(command.action_id)
+            known = self._what_the_dead_holder_did(self._answers, held, max_wait)
             if known is not None:
                 self._answers.complete(held, known.status, known.body)
                 return known
-        # The send must start while the claim's lease can still cover Defender's whole budget.
-        fence = self._monotonic() + self._answers.lease_seconds - self._budget
+            fence = min(fence, self._monotonic() + self._answers.lease_seconds - self._budget)
+        # A wait that would outlast the fence is a quota answer (429, a deferral), not a lapsed claim.
+        max_wait = max(0.0, min(max_wait, fence - self._monotonic()))
         try:
             result = self._call(command, max_wait, fence)
         except OutcomeUnknown as exc:  # it may have acted: the key keeps this answer
@@ -202,20 +215,32 @@ class CancelService:
             self._answers.release(held)
         return result
 
-    def _what_the_dead_holder_did(self, action_id: str) -> CancelResult | None:
+    def _what_the_dead_holder_did(self, answers: AnswerStore, held: Claim, max_wait: float) -> CancelResult | None:
         """A holder died after its claim, and its lease ran out: whatever it sent has arrived by now
-        (sends start within lease minus budget, and the budget ends them). Defender's record of the
-        action tells: cancellation fields set, its cancel took effect (replay that); none, it never
-        took effect, so this request may send (None). No read (no role, no slot): outcome unknown."""
+        (sends start within lease minus budget, and the budget ends them). Only Defender's record of
+        the action may let this request send: cancellation fields set, the dead holder's cancel took
+        effect (replay that); a MachineAction without them, it never did (None: send). The read
+        waits for the get quota like the cancel would, ahead of verify reads (VERIFY_READ_SHARE).
+        A read that could not be made or tells nothing now (no slot, Defender's 429 or 5xx, a body
+        of the wrong shape) hands the key back, still to be read first, and raises; a refusal that
+        will not change (no Machine.Read.All: 403) settles the key as outcome unknown."""
         try:
-            reply = self._defender.get_action(action_id, self._reads, 0.0)
-        except AppError:
-            reply = None
-        body = reply.body if reply is not None and reply.status == 200 and isinstance(reply.body, dict) else None
-        if body is not None and (body.get("cancellationDateTimeUtc") or body.get("status") == "Cancelled"):
-            return CancelResult(200, body, replayed=True)
-        if body is not None:  # no cancel took effect: sending cannot cancel twice (a final action gets 400)
-            return None
+            reply = self._defender.get_action(held.action_id, self._reads, max_wait)
+        except AppError:  # no slot, no token, no answer, a body of the wrong shape: nothing known yet
+            answers.abandon(held)
+            raise
+        if reply.status == 200:  # a MachineAction of this id (the client checked its shape)
+            body = reply.body
+            if body.get("cancellationDateTimeUtc") or body.get("status") == "Cancelled":
+                return CancelResult(200, body, replayed=True)
+            return None  # no cancel took effect: sending cannot cancel twice (a final action gets 400)
+        if reply.status in defender.REFUSED_BEFORE_ACTING or reply.status >= 500:
+            answers.abandon(held)
+            if reply.status == 429:
+                raise QuotaExceeded(
+                    "Defender throttled the read of a taken-over key", wait_seconds=reply.retry_after or 60
+                )
+            raise UpstreamUnavailable(f"Defender answered {reply.status} to the read of a taken-over key")
         unknown = outcome_unknown()
         return CancelResult(unknown.status, unknown.body, replayed=True)
 
@@ -247,8 +272,6 @@ class CancelService:
         self._record(self._fields(command, started, outcome=_outcome(reply.status), status=reply.status,
                                   attempts=reply.attempts, request_id=reply.request_id, waited_ms=reply.waited_ms,
                                   upstream_ms=reply.upstream_ms))  # fmt: skip
-        if reply.status == 429 and self._gate is not None:
-            self._gate.throttled(reply.retry_after or 60)
         return CancelResult(reply.status, reply.body, reply.retry_after, reply.request_id, reply.attempts)
 
     def _fields(

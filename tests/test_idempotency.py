@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -12,6 +13,7 @@ from azure.core.exceptions import ServiceRequestError
 
 from localdev.azurite import Azurite
 from localdev.defender import DefenderSimulator, Fault
+from shared.errors import RequestInProgress
 from shared.idempotency import IdempotencyStore
 from shared.service import Claim, StoredAnswer
 from shared.settings import DEFAULT_IDEMPOTENCY_TABLE, StorageConnection
@@ -116,19 +118,48 @@ def answers(azurite: Azurite) -> Iterator[Callable[..., IdempotencyStore]]:
 def test_an_overtaken_holder_can_neither_overwrite_nor_delete_the_record(
     answers: Callable[..., IdempotencyStore],
 ) -> None:
-    now = [1000.0]
-    store = answers(lease_seconds=60, clock=lambda: now[0])
+    age = [0.0]
+    store = answers(lease_seconds=60, age=lambda entity, date: age[0])
     first = store.claim("k-takeover", GUID)
     assert isinstance(first, Claim)
-    now[0] += 61  # the first holder looks dead: the key is taken over, marked abandoned
+    age[0] = 61  # on the store's clock the first holder looks dead: the key is taken over, to be read first
     second = store.claim("k-takeover", GUID)
-
     assert isinstance(second, Claim) and second.abandoned and not first.abandoned
-    store.complete(first, 200, {"late": True})
-    store.release(first)
+    age[0] = 0  # the second holder's claim is fresh
+
+    store.complete(first, 200, {"late": True})  # the first holder's late answer, after the takeover
+    with pytest.raises(RequestInProgress):
+        store.claim("k-takeover", GUID)  # still the second holder's: not replaced by the late answer
+    store.release(first)  # ... nor deleted by its late release
+    with pytest.raises(RequestInProgress):
+        store.claim("k-takeover", GUID)
+
     store.complete(second, 200, {"by": "the second holder"})
     replay = store.claim("k-takeover", GUID)
     assert isinstance(replay, StoredAnswer) and replay.body == {"by": "the second holder"}
+
+
+def test_a_claim_is_judged_by_the_stores_clock_not_the_takers(answers: Callable[..., IdempotencyStore]) -> None:
+    holder = answers(lease_seconds=60)
+    ahead = answers(lease_seconds=60, clock=lambda: time.time() + 3600)  # a taker whose clock runs an hour ahead
+    held = holder.claim("k-skew", GUID)
+    assert isinstance(held, Claim)
+
+    with pytest.raises(RequestInProgress):
+        ahead.claim("k-skew", GUID)
+
+
+def test_a_key_handed_back_unread_is_taken_over_at_once_and_read_first(
+    answers: Callable[..., IdempotencyStore],
+) -> None:
+    store = answers(lease_seconds=60)
+    held = store.claim("k-handed-back", GUID)
+    assert isinstance(held, Claim)
+
+    store.abandon(held)
+    again = store.claim("k-handed-back", GUID)
+
+    assert isinstance(again, Claim) and again.abandoned
 
 
 def test_storing_an_answer_is_retried(answers: Callable[..., IdempotencyStore], azurite: Azurite) -> None:

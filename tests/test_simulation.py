@@ -3,7 +3,7 @@
 1. Defender never sees a call too many: several instances with skewed clocks saturate the quota
    while the state store is slow, fails, loses replies and loses the whole record, and identity
    tokens come late. Judged at Defender, on true time: no window over its limit, no 429, at most
-   MAX_ENTRIES_PER_ADMISSION log entries per admission, and no request that timed out only because
+   two log entries per admission, every send within its slot's slip, and no request that timed out only because
    its wait for a slot ate Defender's budget.
 2. A cancel asked for once reaches Defender at most once and always ends in an answer: keyed
    requests retried by their callers and redelivered after instance crashes, while Defender's side
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +30,7 @@ from shared.audit import AuditLog
 from shared.defender import DefenderClient, RetryPolicy
 from shared.errors import AppError, OutcomeUnknown, QuotaExceeded
 from shared.idempotency import IdempotencyStore
-from shared.ratelimit import MAX_ENTRIES_PER_ADMISSION, Permit, RateLimiter
+from shared.ratelimit import Permit, RateLimiter
 from shared.service import CancelService, settles
 from shared.settings import RateWindow
 from shared.validation import CancelCommand
@@ -47,6 +48,9 @@ from tests.virtual import (
 
 WINDOWS = ((10, 2000.0), (30, 8000.0))  # (limit, ms): time-compressed like the real-process tests
 MARGIN_MS = 200  # slip 50 ms; skew (<= 40) + network (<= 30 each way... counted once) stay within 150
+# The oracles' bounds, as the limiter's docstring states them, not imported from the code they judge:
+SLIP_MS = 50  # invariant 1: a send leaves at most a quarter of the margin after its logged slot
+ENTRIES_PER_ADMISSION = 2  # invariant 2: an admission writes at most two log entries, a given-up slot included
 RUN_MS = 20_000.0
 SCHEDULES = 1000  # per property (a third of it for lost records); each a 20 s run of 1 to 4 instances
 
@@ -59,7 +63,10 @@ class Instance:
     limiter: RateLimiter
     service: CancelService
     tokens: Tokens
+    skew_ms: float = 0.0
     max_admission_entries: int = 0
+    max_late_ms: float = 0.0  # how late after its slot a send was let go (its own clock)
+    stale_permits: int = 0  # permits the limiter handed out already past their slot's slip
     outcomes: list[str] = field(default_factory=list)
 
 
@@ -73,20 +80,29 @@ class CountingGate:
         self._instance = instance
         self._start = 0
 
-    def acquire(self, max_wait: float = 0.0, spent: int = 0) -> Permit:
+    def acquire(self, max_wait: float = 0.0, spent: int = 0, share: float = 1.0) -> Permit:
         from greenlet import getcurrent
 
         me = getcurrent()
         if spent == 0:
             self._start = self._store.entries_by[me]
         try:
-            return self._limiter.acquire(max_wait, spent)
+            permit = self._limiter.acquire(max_wait, spent, share)
+            if self._now() > permit.slot + SLIP_MS:
+                self._instance.stale_permits += 1
+            return permit
         finally:
             used = self._store.entries_by[me] - self._start
             self._instance.max_admission_entries = max(self._instance.max_admission_entries, used)
 
     def on_time(self, permit: Permit) -> bool:
-        return self._limiter.on_time(permit)
+        going = self._limiter.on_time(permit)
+        if going:
+            self._instance.max_late_ms = max(self._instance.max_late_ms, self._now() - permit.slot)
+        return going
+
+    def _now(self) -> int:
+        return int(self._instance.world.now + self._instance.skew_ms)  # as the instance's epoch-ms clock reads
 
     def throttled(self, retry_after: int) -> None:
         self._limiter.throttled(retry_after)
@@ -119,7 +135,7 @@ def build(
     answers = IdempotencyStore(
         cast(Any, table), lease, clock=lambda: (world.now + skew_ms) / 1000, sleep=world.sleep_seconds
     )
-    instance = Instance(world, limiter, cast(Any, None), tokens)
+    instance = Instance(world, limiter, cast(Any, None), tokens, skew_ms)
     gate = CountingGate(limiter, store, instance)
     audit = AuditLog(cast(Any, table))
     instance.service = CancelService(client, audit, gate, answers, budget, monotonic=world.monotonic)
@@ -202,7 +218,8 @@ def test_no_fault_schedule_puts_a_call_too_many_at_defender(schedule: dict[str, 
     arrivals = [a.at for a in defender.arrivals]
     assert violations(arrivals, WINDOWS) == 0
     assert not any(a.status == 429 for a in defender.arrivals)
-    assert max(i.max_admission_entries for i in instances) <= MAX_ENTRIES_PER_ADMISSION
+    assert max(i.max_admission_entries for i in instances) <= ENTRIES_PER_ADMISSION
+    assert max(i.max_late_ms for i in instances) <= SLIP_MS and sum(i.stale_permits for i in instances) == 0
     # Defender always answers within the budget here: a timeout means the slot wait ate it.
     outcomes = {o for i in instances for o in i.outcomes}
     assert not outcomes & {"OutcomeUnknown", "UpstreamTimeout"}, outcomes
@@ -225,7 +242,7 @@ def test_a_lost_record_is_rebuilt_from_what_the_instance_knows(schedule: dict[st
     defender, instances = run_quota(schedule)
 
     assert violations([a.at for a in defender.arrivals], WINDOWS) == 0
-    assert max(i.max_admission_entries for i in instances) <= MAX_ENTRIES_PER_ADMISSION
+    assert max(i.max_admission_entries for i in instances) <= ENTRIES_PER_ADMISSION
 
 
 def test_the_simulation_saturates_the_quota() -> None:
@@ -376,3 +393,39 @@ def test_a_send_never_starts_once_its_claim_could_have_lapsed() -> None:
 
     assert outcomes == ["StateStoreUnavailable", "200"]
     assert len(defender.arrivals) == 1
+
+
+@pytest.mark.parametrize("insert_ms, taker_skew_ms", [(2500.0, 0.0), (0.0, 2500.0)])
+def test_a_live_holder_is_never_taken_over_by_a_slow_insert_or_a_clock_ahead(
+    insert_ms: float, taker_skew_ms: float
+) -> None:
+    """Lease 8 s, budget 2 s. The holder's claim insert takes 2.5 s (or the taker's clock runs
+    2.5 s ahead), and its token comes just before its fence: judged on the claimer's clock, a taker
+    read "pending" and sent while the holder's send was on its way (200, then 400, for one key).
+    Judged on the store's clock, with the lease counted from before the insert, one send at most."""
+    world = World()
+    rng = random.Random(5)
+    defender = Defender(world, ((1000, 2000.0),))
+    table = Table(world, rng)
+    store = LogStore(world, StoreFaults(), rng)
+    holder = build(world, store, table, defender, rng, 0.0, 0.0, BUDGET_S, LEASE_S)
+    taker = build(world, store, table, defender, rng, taker_skew_ms, 0.0, BUDGET_S, LEASE_S)
+    holder.tokens = Tokens(world, (LEASE_S - BUDGET_S - 0.2) * 1000 - insert_ms / 2)  # sends just before its fence
+    holder.service._defender._tokens = cast(Any, holder.tokens)
+    keyed = command(defender, "http|function-key|slow-insert")
+    table.slow_writes[IdempotencyStore.partition(keyed.idempotency_key or "")] = insert_ms
+    outcomes: list[str] = []
+
+    def ask(instance: Instance) -> None:
+        try:
+            outcomes.append(str(instance.service.cancel(keyed).status))
+        except AppError as exc:
+            outcomes.append(type(exc).__name__)
+
+    world.spawn(partial(ask, holder))
+    for at in range(6000, 12000, 250):  # the taker keeps asking, as a retrying caller would
+        world.spawn(partial(ask, taker), at=float(at))
+    world.run(30_000.0)
+
+    sent = [a for a in defender.arrivals if a.action_id == keyed.action_id]
+    assert len(sent) <= 1 and not any(a.status == 400 for a in sent), (sent, outcomes)

@@ -11,14 +11,18 @@ virtual time, so a schedule is fully reproducible and a 20 s run takes milliseco
 
 from __future__ import annotations
 
+import email.utils
 import heapq
 import itertools
 import random
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any, cast
 
+from azure.core import MatchConditions
 from azure.core.exceptions import (
     ResourceExistsError,
     ResourceModifiedError,
@@ -157,62 +161,91 @@ class LogStore:
         return etag
 
 
+EPOCH_S = 1_767_225_600.0  # virtual time 0 on the store's clock: 2026-01-01T00:00:00Z
+
+
 class Table:
-    """The idempotency table: create/get/update/delete with ETags, as azure-data-tables answers."""
+    """The idempotency table: create/get/update/delete with ETags, as azure-data-tables answers: an
+    ETag is checked only with `match_condition=IfNotModified` (the SDK's default is unconditional),
+    each entity carries the store's Timestamp (true time, when the write is applied) and every
+    reply's `Date` (whole seconds, as the service sends it) reaches a `raw_response_hook`."""
 
     def __init__(self, world: World, rng: random.Random, latency: tuple[float, float] = (1.0, 10.0)) -> None:
         self._world = world
         self._rng = rng
-        self._latency = latency
-        self._rows: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
+        self.latency = latency
+        self.slow_writes: dict[str, float] = {}  # partition key -> ms one write of it takes, once
+        self._rows: dict[tuple[str, str], tuple[dict[str, Any], str, float]] = {}
         self._etags = itertools.count(1)
 
-    def _io(self) -> None:
-        self._world.sleep(self._rng.uniform(*self._latency) / 2)
+    def _io(self, partition_key: str | None = None, write: bool = False) -> float:
+        slow = self.slow_writes.pop(partition_key, None) if write and partition_key is not None else None
+        half = (slow if slow is not None else self._rng.uniform(*self.latency)) / 2
+        self._world.sleep(half)
         self._world.alive()
+        return half
 
-    def _put(self, entity: Mapping[str, Any]) -> dict[str, str]:
+    def _reply(self, half: float, hook: Any = None) -> None:
+        self._world.sleep(half)
+        if hook is not None:
+            date = email.utils.formatdate(int(EPOCH_S + self._world.now / 1000), usegmt=True)
+            hook(SimpleNamespace(http_response=SimpleNamespace(headers={"Date": date})))
+
+    def _put(self, entity: Mapping[str, Any], half: float) -> dict[str, str]:
         etag = f"W/{next(self._etags)}"
-        self._rows[(entity["PartitionKey"], entity["RowKey"])] = (dict(entity), etag)
-        self._world.sleep(self._rng.uniform(*self._latency) / 2)
+        self._rows[(entity["PartitionKey"], entity["RowKey"])] = (dict(entity), etag, self._world.now)
+        self._reply(half)
         return {"etag": etag}
 
-    def _matches(self, key: tuple[str, str], etag: str | None) -> None:
+    def _matches(self, key: tuple[str, str], etag: str | None, condition: Any) -> None:
         if key not in self._rows:
             raise ResourceNotFoundError("gone")
-        if etag is not None and self._rows[key][1] != etag:
+        if condition == MatchConditions.IfNotModified and self._rows[key][1] != etag:
             raise ResourceModifiedError("412")
 
     def create_table(self) -> None:
         return None
 
-    def create_entity(self, entity: Mapping[str, Any]) -> dict[str, str]:
-        self._io()
+    def create_entity(self, entity: Mapping[str, Any], **_: Any) -> dict[str, str]:
+        half = self._io(entity["PartitionKey"], write=True)
         if (entity["PartitionKey"], entity["RowKey"]) in self._rows:
+            self._reply(half)
             raise ResourceExistsError("exists")
-        return self._put(entity)
+        return self._put(entity, half)
 
-    def get_entity(self, partition_key: str, row_key: str) -> TableEntity:
-        self._io()
+    def get_entity(self, partition_key: str, row_key: str, *, raw_response_hook: Any = None, **_: Any) -> TableEntity:
+        half = self._io()
         if (partition_key, row_key) not in self._rows:
+            self._reply(half)
             raise ResourceNotFoundError("not found")
-        row, etag = self._rows[(partition_key, row_key)]
+        row, etag, stamped = self._rows[(partition_key, row_key)]
         entity = TableEntity(**row)
-        cast(Any, entity)._metadata = {"etag": etag}
+        timestamp = datetime.fromtimestamp(EPOCH_S + stamped / 1000, tz=UTC)
+        cast(Any, entity)._metadata = {"etag": etag, "timestamp": timestamp}
+        self._reply(half, raw_response_hook)
         return entity
 
-    def update_entity(self, entity: Mapping[str, Any], *, etag: str, **_: Any) -> dict[str, str]:
-        self._io()
-        self._matches((entity["PartitionKey"], entity["RowKey"]), etag)
-        return self._put(entity)
+    def update_entity(
+        self, entity: Mapping[str, Any], *, etag: str | None = None, match_condition: Any = None, **_: Any
+    ) -> dict[str, str]:
+        half = self._io(entity["PartitionKey"], write=True)
+        self._matches((entity["PartitionKey"], entity["RowKey"]), etag, match_condition)
+        return self._put(entity, half)
 
-    def delete_entity(self, partition_key: str, row_key: str, *, etag: str | None = None, **_: Any) -> None:
-        self._io()
+    def upsert_entity(self, entity: Mapping[str, Any], **_: Any) -> dict[str, str]:
+        return self._put(entity, self._io(entity["PartitionKey"], write=True))
+
+    def delete_entity(
+        self, partition_key: str, row_key: str, *, etag: str | None = None, match_condition: Any = None, **_: Any
+    ) -> None:
+        half = self._io(partition_key, write=True)
         try:
-            self._matches((partition_key, row_key), etag)
+            self._matches((partition_key, row_key), etag, match_condition)
         except ResourceNotFoundError:
+            self._reply(half)
             return  # deleting what is gone succeeds, as the SDK's delete does
         del self._rows[(partition_key, row_key)]
+        self._reply(half)
 
 
 class Tokens:
@@ -247,7 +280,7 @@ class UpstreamFault:
     """What Defender's side does to one request: refuse it (503), act then lose the answer (a
     gateway's 502/504, or a cut connection), or be slow."""
 
-    kind: str  # "refuse", "gateway", "timeout"
+    kind: str  # "refuse", "gateway", "timeout", "throttle" (429 with Retry-After 1 s)
     status: int = 503
 
 
@@ -276,6 +309,8 @@ class Defender:
         now = self.world.now
         if fault is not None and fault.kind == "refuse":
             return 503, False
+        if fault is not None and fault.kind == "throttle":  # a 429 of Defender's own (a CPU quota, say)
+            return 429, False
         for limit, ms in self.windows:
             if sum(1 for t in self.counted if t > now - ms) >= limit:
                 return 429, False

@@ -1,0 +1,20 @@
+"""HTTP trigger: GET /api/tenants/{tenant}/machines/{machineId}/cancelPendingActions/{jobId}."""
+
+import json
+
+import azure.functions as func
+
+from shared import http_api
+from shared.app import get_settings
+
+get_settings()  # a bad setting stops the function from loading; the host logs which one, at start
+
+
+def main(req: func.HttpRequest) -> func.HttpResponse:
+    params = req.route_params
+    reply = http_api.pending_job(
+        params.get("machineId", ""), params.get("jobId", ""), req.headers, params.get("tenant", ""), url=req.url
+    )
+    return func.HttpResponse(
+        json.dumps(reply.body), status_code=reply.status, headers=reply.headers, mimetype="application/json"
+    )
