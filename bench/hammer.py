@@ -55,10 +55,10 @@ def instrument(strategy: str, acquire_ms: list[float], tenant: str | None = None
     gate = service._gate
     original = gate.acquire
 
-    def timed(max_wait: float = 0.0, spent: int = 0) -> Any:
+    def timed(max_wait: float = 0.0, spent: int = 0, share: float = 1.0) -> Any:
         start = time.perf_counter()
         try:
-            return original(max_wait, spent)
+            return original(max_wait, spent, share)
         finally:
             acquire_ms.append((time.perf_counter() - start) * 1000)
 

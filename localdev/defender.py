@@ -108,7 +108,8 @@ class DefenderSimulator(LoopbackService):
         self.page_size = page_size  # server-driven paging: at most this many per page, then @odata.nextLink
         self.api_windows = {k: tuple(sorted(v, key=lambda w: w[1])) for k, v in (api_windows or {}).items()}
         self.cancel_takes = cancel_takes  # an accepted cancel shows as Cancelled only this much later
-        self.after_list: Callable[[int], None] | None = None  # told each list page served (1, 2, ...)
+        # told each list page served (1, 2, ...), under the lock: it may change `state`, not call methods
+        self.after_list: Callable[[int], None] | None = None
         self._pages_served = 0
         self.tenants = {home_tenant}  # onboarded to Defender
         self.windows = tuple(sorted(windows, key=lambda w: w[1]))

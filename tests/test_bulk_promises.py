@@ -31,6 +31,7 @@ from tests.test_queue import Queues, run_until_results
 ROOT = Path(__file__).resolve().parent.parent
 MACHINE = "7b1f4967d9728e5aa3c06a9e617a22a4a5a17378"
 OTHER = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567"
+ERROR_STRING = json.dumps({"error": "already gone"})  # an error that is a string, not Defender's object
 
 
 @pytest.fixture
@@ -234,13 +235,13 @@ def test_error_bodies_of_another_shape_are_passed_on_not_crashed_on(
     action = sim.add_action(machine_id=MACHINE)
     sim.inject(None)
     listed = len(sim.calls("", api="list"))
-    sim.after_list = lambda page: sim.inject(Fault("body", status=400, body='{"error": "already gone"}'))
+    sim.after_list = lambda page: setattr(sim.state, "fault", Fault("body", status=400, body=ERROR_STRING))
 
     cancelled = body_of(bulk(MACHINE, {"Comment": "x"}))
 
     assert refused.status_code == 403 and "Machine.Read.All" in body_of(refused)["error"]["message"]
     assert len(sim.calls("", api="list")) > listed
-    assert [(a["id"], a["outcome"], a["status"]) for a in cancelled["actions"]] == [(action, "failed", 400)]
+    assert [(a["id"], a["outcome"], a["status"]) for a in cancelled["actions"]] == [(action, "already_final", 400)]
 
 
 def test_a_retry_after_of_a_trillion_seconds_is_held_as_an_hour(
@@ -346,7 +347,7 @@ def test_a_message_running_longer_than_its_lease_is_not_handed_to_another_worker
     second = QueueFunction(folder, azurite.connection_string, lease_seconds=1)
     first.client(name).send_message(base64.b64encode(b"{}").decode())
 
-    assert first.poll_once() == 1  # running in the background now
+    assert first.pump() == 1  # running in the background now
     deadline = time.monotonic() + 3.5
     while time.monotonic() < deadline:
         second.poll_once()  # another worker polls all along (bounded)
@@ -356,3 +357,35 @@ def test_a_message_running_longer_than_its_lease_is_not_handed_to_another_worker
 
     assert (first.invocations, second.invocations) == (1, 0)
     assert first.client(name).peek_messages() == []
+
+
+def test_a_bulk_listing_draws_on_the_list_quota_not_the_cancel_quota(
+    jobs_env: dict[str, str], sim: DefenderSimulator
+) -> None:
+    from tests.test_http_quota import get_quota
+
+    sim.add_action(machine_id=MACHINE)
+    assert bulk(MACHINE, {"Comment": "look", "dryRun": True}).status_code == 200
+
+    used = {api: q["windows"][0]["used"] for api, q in body_of(get_quota())["quotas"].items()}
+
+    assert used == {"cancel": 0, "list": 1, "get": 0}
+
+
+def test_bulk_cancels_the_quota_cannot_serve_by_the_deadline_come_back_not_attempted(
+    app_env: dict[str, str], sim: DefenderSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from shared import bulk as bulk_module
+    from shared.app import get_app
+
+    monkeypatch.setenv("RATE_LIMITS", "2/5")
+    actions = [{"id": sim.add_action(machine_id=MACHINE), "status": "Pending"} for _ in range(4)]
+    request = bulk_module.BulkRequest(MACHINE, "deadline")
+    until = time.monotonic() + 1.0  # the quota frees its next slot only after 5 s
+
+    items = bulk_module.cancel_each(get_app().service, actions, request, "c", lambda a: None, until, until)
+
+    assert sorted(i["outcome"] for i in items) == ["cancelled", "cancelled", "not_attempted", "not_attempted"]
+    assert len(sim.calls(api="cancel")) == 2

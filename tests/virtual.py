@@ -174,16 +174,17 @@ class Table:
         self._world = world
         self._rng = rng
         self.latency = latency
-        self.slow_writes: dict[str, float] = {}  # partition key -> ms one write of it takes, once
+        self.slow_writes: dict[str, float] = {}  # partition key -> ms one write's reply takes (once), after it applied
         self._rows: dict[tuple[str, str], tuple[dict[str, Any], str, float]] = {}
         self._etags = itertools.count(1)
 
     def _io(self, partition_key: str | None = None, write: bool = False) -> float:
+        """The way there; what the way back will take (a slow write: applied at once, answered late)."""
         slow = self.slow_writes.pop(partition_key, None) if write and partition_key is not None else None
-        half = (slow if slow is not None else self._rng.uniform(*self.latency)) / 2
+        half = self._rng.uniform(*self.latency) / 2
         self._world.sleep(half)
         self._world.alive()
-        return half
+        return slow if slow is not None else half
 
     def _reply(self, half: float, hook: Any = None) -> None:
         self._world.sleep(half)
