@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 
-.PHONY: test lint typecheck run bench deps tools clean
+.PHONY: test lint typecheck run bench mutants deps tools clean
 
 test: deps tools lint typecheck
 	$(PY) -m pytest
@@ -41,6 +41,10 @@ bench: deps tools
 	$(PY) -m bench.tenants
 	$(PY) -m bench.bulk
 	$(PY) -m bench.logs
+
+# A mutation run over the promises (bench/mutants.py): not part of make test; a few minutes.
+mutants: deps tools
+	$(PY) -m bench.mutants
 
 clean:
 	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache .ruff_cache bench/results

@@ -141,7 +141,9 @@ def conclude(job_key: str, owner: str) -> None:
     job = state.job
     if job is None or not state.complete:
         return
-    if not job.converged and job.rounds < bulk.MAX_LISTINGS:
+    # A tenant removed from TENANTS mid-job can no longer be listed: what was found stands.
+    relist = get_settings().tenants.find(job.tenant_id) is not None and job.rounds < bulk.MAX_LISTINGS
+    if not job.converged and relist:
         if store.claim_relist(job_key, job.rounds, owner):
             _continue(job)
         return

@@ -19,6 +19,8 @@ from shared.app import get_app, get_settings
 from shared.callers import caller_scope, caller_tenant
 from shared.errors import AppError, SettingsError, error_body
 from shared.ratelimit import WindowStats
+from shared.settings import Settings
+from shared.tenants import Tenant
 from shared.validation import (
     bulk_key,
     correlation_id,
@@ -53,9 +55,7 @@ def cancel(action_id: str, body: bytes, headers: Mapping[str, str], tenant_ref: 
     correlation = correlation_id(headers.get(CORRELATION_HEADER))
     reply_headers = {CORRELATION_HEADER: correlation}
     try:
-        settings = get_settings()
-        tenant = caller_tenant(headers, settings.callers, settings.tenants, tenant_ref)
-        scope = caller_scope(headers, settings.allowed_callers)
+        _, tenant, scope = _caller(headers, tenant_ref)
         command = parse_http_cancel(action_id, body, correlation, headers.get(IDEMPOTENCY_HEADER), scope)
         app = get_app()
         result = app.of(tenant).service.cancel(command, max_wait=app.settings.http_max_wait_seconds)
@@ -86,9 +86,7 @@ def cancel_pending(
     reply_headers = {CORRELATION_HEADER: correlation}
     started = time.monotonic()
     try:
-        settings = get_settings()
-        tenant = caller_tenant(headers, settings.callers, settings.tenants, tenant_ref)
-        scope = caller_scope(headers, settings.allowed_callers)
+        settings, tenant, scope = _caller(headers, tenant_ref)
         request = bulk.parse_bulk(machine_id, parse_json_object(body))
         key = parse_idempotency_key(headers.get(IDEMPOTENCY_HEADER))
         path = get_app().of(tenant)
@@ -138,9 +136,7 @@ def pending_job(
     correlation = correlation_id(headers.get(CORRELATION_HEADER))
     reply_headers = {CORRELATION_HEADER: correlation}
     try:
-        settings = get_settings()
-        tenant = caller_tenant(headers, settings.callers, settings.tenants, tenant_ref)
-        scope = caller_scope(headers, settings.allowed_callers)
+        _, tenant, scope = _caller(headers, tenant_ref)
         machine = bulk.parse_machine_id(machine_id)
         if not _JOB_ID.fullmatch(job_id):
             raise JobNotFound("No bulk job has this id")
@@ -224,6 +220,13 @@ def _quota_body(key: str, windows: Sequence[WindowStats], blocked_until: int, no
 
 def _iso(epoch_ms: int) -> str:
     return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+
+
+def _caller(headers: Mapping[str, str], tenant_ref: str | None) -> tuple[Settings, Tenant, str]:
+    """The settings, the tenant this caller may act in (404/403 otherwise) and the caller's scope."""
+    settings = get_settings()
+    tenant = caller_tenant(headers, settings.callers, settings.tenants, tenant_ref)
+    return settings, tenant, caller_scope(headers, settings.allowed_callers)
 
 
 def error_reply(exc: AppError, correlation: str, headers: dict[str, str]) -> Reply:

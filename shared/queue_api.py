@@ -108,15 +108,17 @@ def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> di
         return rejected(body, exc, dequeue_count)
     try:
         tenant = get_settings().tenants.resolve(message.tenant_ref)
-        if message.bulk_job:
-            _check_child(message, tenant.id)
-    except (InvalidRequest, TenantNotFound) as exc:
-        if message.bulk_job and isinstance(exc, TenantNotFound) and _child_of_own_job(message):
+    except TenantNotFound as exc:
+        if message.bulk_job and _own_job(message, message.tenant_ref):
             # its tenant was removed mid-job: the job records the refusal, so its summary still comes
-            answer = rejected(body, exc, dequeue_count)
-            bulk_queue.finish(message.bulk_job, answer, message_id or message.message_id)
+            bulk_queue.finish(message.bulk_job, rejected(body, exc, dequeue_count), message_id or message.message_id)
             return None
         return rejected(body, exc, dequeue_count)
+    if message.bulk_job and not _own_job(message, tenant.id):
+        refused = InvalidRequest(
+            "bulkJob names no stored job of this tenant that lists this action", "InvalidRequestBody"
+        )
+        return rejected(body, refused, dequeue_count)
     result = cancel(message, tenant, dequeue_count, body)
     if result is not None and message.bulk_job:
         bulk_queue.finish(message.bulk_job, result, message_id or message.message_id)
@@ -124,19 +126,11 @@ def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> di
     return result
 
 
-def _check_child(message: QueueCancel, tenant_id: str) -> None:
-    """A bulk child is cancelled only for a stored job of its own tenant that lists its action: a
-    forged or stale `bulkJob` can neither cancel through a job nor complete another's."""
+def _own_job(message: QueueCancel, tenant_id: str | None) -> bool:
+    """Whether a bulk child belongs to a stored job of its own tenant that lists its action: a forged
+    or stale `bulkJob` can neither cancel through a job nor complete another's."""
     job = bulk_queue.jobs().get(str(message.bulk_job))
-    if job is None:
-        raise InvalidRequest("bulkJob names no bulk job this app stored", code="InvalidRequestBody")
-    if job.tenant_id != tenant_id or message.action_id not in job.action_ids:
-        raise InvalidRequest("bulkJob's job does not list this action for this tenant", code="InvalidRequestBody")
-
-
-def _child_of_own_job(message: QueueCancel) -> bool:
-    job = bulk_queue.jobs().get(str(message.bulk_job))
-    return job is not None and job.tenant_id == message.tenant_ref and message.action_id in job.action_ids
+    return job is not None and job.tenant_id == tenant_id and message.action_id in job.action_ids
 
 
 def bulk_job(payload: dict[str, Any], dequeue_count: int, message_id: str | None) -> dict[str, Any] | None:

@@ -198,7 +198,6 @@ class CancelService:
             if known is not None:
                 self._answers.complete(held, known.status, known.body)
                 return known
-            fence = min(fence, self._monotonic() + self._answers.lease_seconds - self._budget)
         # A wait that would outlast the fence is a quota answer (429, a deferral), not a lapsed claim.
         max_wait = max(0.0, min(max_wait, fence - self._monotonic()))
         try:
@@ -237,9 +236,8 @@ class CancelService:
         if reply.status in defender.REFUSED_BEFORE_ACTING or reply.status >= 500:
             answers.abandon(held)
             if reply.status == 429:
-                raise QuotaExceeded(
-                    "Defender throttled the read of a taken-over key", wait_seconds=reply.retry_after or 60
-                )
+                wait = reply.retry_after or defender.DEFAULT_RETRY_AFTER_SECONDS
+                raise QuotaExceeded("Defender throttled the read of a taken-over key", wait_seconds=wait)
             raise UpstreamUnavailable(f"Defender answered {reply.status} to the read of a taken-over key")
         unknown = outcome_unknown()
         return CancelResult(unknown.status, unknown.body, replayed=True)

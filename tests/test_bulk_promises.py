@@ -389,3 +389,52 @@ def test_bulk_cancels_the_quota_cannot_serve_by_the_deadline_come_back_not_attem
 
     assert sorted(i["outcome"] for i in items) == ["cancelled", "cancelled", "not_attempted", "not_attempted"]
     assert len(sim.calls(api="cancel")) == 2
+
+
+def test_the_status_route_carries_the_requests_code_and_a_bounded_retry_after() -> None:
+    from shared.http_api import _poll_headers
+
+    posted = _poll_headers(f"https://h/api/machines/{MACHINE}/cancelPendingActions?code=k%2B1", "j" * 32, 400.0)
+    polled = _poll_headers(
+        f"https://h/api/machines/{MACHINE}/cancelPendingActions/{'j' * 32}", "j" * 32, 0.0, here=True
+    )
+
+    assert posted == {"Location": f"https://h/api/machines/{MACHINE}/cancelPendingActions/{'j' * 32}?code=k%2B1",
+                      "Retry-After": "30"}  # fmt: skip
+    assert polled == {
+        "Location": f"https://h/api/machines/{MACHINE}/cancelPendingActions/{'j' * 32}",
+        "Retry-After": "2",
+    }
+
+
+def test_a_keyed_bulk_cancel_that_would_outwait_its_lease_is_not_attempted_not_failed(
+    app_env: dict[str, str], sim: DefenderSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RATE_LIMITS", "2/30")
+    monkeypatch.setenv("IDEMPOTENCY_LEASE_SECONDS", "11")  # legal: more than the queue's 5 s wait plus the 5 s budget
+    for _ in range(3):
+        sim.add_action(machine_id=MACHINE)
+
+    body = body_of(bulk(MACHINE, {"Comment": "keyed"}, {"Idempotency-Key": "ticket-lease"}))
+
+    assert sorted(a["outcome"] for a in body["actions"]) == ["cancelled", "cancelled", "not_attempted"]
+    assert len(sim.calls(api="cancel")) == 2
+
+
+def test_a_job_whose_tenant_was_removed_still_sends_its_summary(
+    queues: Queues, azurite: Azurite, sim: DefenderSimulator
+) -> None:
+    from shared.app import get_app
+    from shared.jobs import Job, job_key
+
+    gone = "0f0f0f0f-0000-4000-8000-000000000001"  # a tenant no longer in TENANTS
+    action = sim.add_action(machine_id=MACHINE)
+    key = job_key(gone, "INC-gone", MACHINE, ())
+    get_app().jobs.open(Job(key, "INC-gone", MACHINE, gone, "x", False, (action,), fanned_out=1))
+    queues.put({"machineActionId": action, "comment": "x", "correlationId": "INC-gone", "tenantId": gone,
+                "bulkJob": key})  # fmt: skip
+
+    [summary] = run_until_results(host(azurite), queues, 1)
+
+    assert (summary["correlationId"], summary["found"], summary["failed"]) == ("INC-gone", 1, 1)
+    assert summary["actions"][0]["error"]["code"] == "TenantNotFound" and sim.calls(api="cancel") == []
