@@ -53,6 +53,9 @@ MUTANTS = (
     Mutant("bulk cancels 120 s past their deadline", "shared/bulk.py",
            "max_wait=max(0.0, cancel_until - monotonic())", "max_wait=max(0.0, cancel_until + 120 - monotonic())", (P,)),
     # the limiter
+    Mutant("Retry-After hold ignored when placing a slot", "shared/ratelimit.py",
+           "slot = max(not_before, blocked_until, log[-1] if log else not_before)",
+           "slot = max(not_before, log[-1] if log else not_before)", (SIM,)),
     Mutant("late write not given up", "shared/ratelimit.py",
            "            if written > slot + self.slip_ms:", "            if False:", (SIM,)),
     Mutant("a Defender 429 on list/get holds nobody", "shared/defender.py",

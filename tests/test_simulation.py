@@ -1,10 +1,11 @@
 """The two promises, searched for counter-examples in a deterministic virtual world (tests/virtual.py).
 
 1. Defender never sees a call too many: several instances with skewed clocks saturate the quota
-   while the state store is slow, fails, loses replies and loses the whole record, and identity
-   tokens come late. Judged at Defender, on true time: no window over its limit, no 429, at most
-   two log entries per admission, every send within its slot's slip, and no request that timed out only because
-   its wait for a slot ate Defender's budget.
+   while the state store is slow, fails, loses replies and loses the whole record, identity tokens
+   come late and sleeps end late. Judged at Defender, on true time: no window over its limit, no
+   429, at most two log entries per admission, every send within its slot's slip, and no request
+   that timed out only because its wait for a slot ate Defender's budget. When Defender says 429
+   of its own, no instance reserves a slot inside the hold it recorded.
 2. A cancel asked for once reaches Defender at most once and always ends in an answer: keyed
    requests retried by their callers and redelivered after instance crashes, while Defender's side
    refuses, or acts and loses the answer (a gateway's 502/504, a timeout).
@@ -187,12 +188,12 @@ def quota_schedules(draw: st.DrawFn, fewest: int = 2, most: int = 4) -> dict[str
     }
 
 
-def run_quota(schedule: dict[str, Any]) -> tuple[Defender, list[Instance]]:
+def run_quota(schedule: dict[str, Any]) -> tuple[Defender, list[Instance], LogStore]:
     rng = random.Random(schedule["seed"])
     world = World()
     store = LogStore(world, schedule["faults"], rng)
     table = Table(world, rng)
-    defender = Defender(world, WINDOWS)
+    defender = Defender(world, WINDOWS, faults=schedule.get("upstream", {}))
     instances = []
     for skew, cold, start, refresh in zip(
         schedule["skews"], schedule["cold"], schedule["starts"], schedule["refresh"], strict=True
@@ -202,7 +203,7 @@ def run_quota(schedule: dict[str, Any]) -> tuple[Defender, list[Instance]]:
         instances.append(instance)
         world.spawn(partial(saturate, instance, defender, schedule["max_wait"]), at=start)
     world.run(RUN_MS)
-    return defender, instances
+    return defender, instances, store
 
 
 def saturate(instance: Instance, defender: Defender, max_wait: float) -> None:
@@ -223,7 +224,7 @@ def saturate(instance: Instance, defender: Defender, max_wait: float) -> None:
 @settings(max_examples=SCHEDULES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schedule=quota_schedules())
 def test_no_fault_schedule_puts_a_call_too_many_at_defender(schedule: dict[str, Any]) -> None:
-    defender, instances = run_quota(schedule)
+    defender, instances, _ = run_quota(schedule)
 
     arrivals = [a.at for a in defender.arrivals]
     assert violations(arrivals, WINDOWS) == 0
@@ -233,6 +234,28 @@ def test_no_fault_schedule_puts_a_call_too_many_at_defender(schedule: dict[str, 
     # Defender always answers within the budget here: a timeout means the slot wait ate it.
     outcomes = {o for i in instances for o in i.outcomes}
     assert not outcomes & {"OutcomeUnknown", "UpstreamTimeout"}, outcomes
+
+
+@st.composite
+def throttle_schedules(draw: st.DrawFn) -> dict[str, Any]:
+    """Defender answers some arrivals 429 of its own (a CPU quota, say; Retry-After 1 s)."""
+    schedule = draw(quota_schedules())
+    at = draw(st.lists(st.integers(1, 8), min_size=1, max_size=3, unique=True))
+    schedule["upstream"] = {index: UpstreamFault("throttle") for index in at}
+    return schedule
+
+
+@settings(max_examples=SCHEDULES // 4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule=throttle_schedules())
+def test_a_defender_429_holds_every_instance_for_its_retry_after(schedule: dict[str, Any]) -> None:
+    """Once an instance has recorded Defender's Retry-After in the shared record, no instance
+    reserves a slot inside that hold: judged by the store on the record's own values (every writer
+    read the hold it overwrites), so no clock needs converting."""
+    defender, _, store = run_quota(schedule)
+
+    assert any(a.status == 429 for a in defender.arrivals)
+    assert store.inside_holds == 0
+    assert violations([a.at for a in defender.arrivals if a.status != 429], WINDOWS) == 0
 
 
 @st.composite
@@ -249,7 +272,7 @@ def test_a_lost_record_is_rebuilt_from_what_the_instance_knows(schedule: dict[st
     that holds the log rebuilds it; it never admits a window's worth again. (With several instances
     a send known only to one that has not touched the record since can still be missed: the README
     says so.)"""
-    defender, instances = run_quota(schedule)
+    defender, instances, _ = run_quota(schedule)
 
     assert violations([a.at for a in defender.arrivals], WINDOWS) == 0
     assert max(i.max_admission_entries for i in instances) <= ENTRIES_PER_ADMISSION
@@ -263,7 +286,7 @@ def test_the_simulation_saturates_the_quota() -> None:
     schedule = {"faults": StoreFaults(), "skews": [0.0, 10.0, -10.0], "cold": [0.0, 0.0, 800.0],
                 "starts": [0.0, 0.0, 0.0], "refresh": [None, None, None], "max_wait": 5.0, "budget": 5.0,
                 "seed": 1}  # fmt: skip
-    defender, _ = run_quota(schedule)
+    defender, _, _ = run_quota(schedule)
 
     allowed = max_allowed(RUN_MS / 1000, [(limit, (ms + MARGIN_MS) / 1000) for limit, ms in WINDOWS])
     assert len(defender.arrivals) >= 0.95 * allowed

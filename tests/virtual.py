@@ -15,7 +15,7 @@ import email.utils
 import heapq
 import itertools
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -113,6 +113,7 @@ class LogStore:
         self._version = 0
         self._losses = sorted(faults.losses)
         self.entries_by: dict[greenlet, int] = defaultdict(int)  # reservations each actor applied
+        self.inside_holds = 0  # slots written inside the record's own Retry-After hold (blocked_until)
 
     def _latency(self, write: bool) -> float:
         low, high = self._faults.latency
@@ -147,6 +148,8 @@ class LogStore:
         if etag != self._record.etag:
             self._world.sleep(self._latency(True))
             raise Conflict
+        added = Counter(log) - Counter(self._record.log)  # what this write reserves
+        self.inside_holds += sum(1 for slot in added.elements() if slot < self._record.blocked_until)
         self._version += 1
         etag = str(self._version)
         if writers.rsplit(",", 1)[-1] not in self._record.writers.split(","):  # an admission's write
