@@ -114,6 +114,7 @@ class LogStore:
         self._losses = sorted(faults.losses)
         self.entries_by: dict[greenlet, int] = defaultdict(int)  # reservations each actor applied
         self.inside_holds = 0  # slots written inside the record's own Retry-After hold (blocked_until)
+        self.lost = 0  # how often the record vanished
 
     def _latency(self, write: bool) -> float:
         low, high = self._faults.latency
@@ -126,6 +127,7 @@ class LogStore:
         while self._losses and self._losses[0] <= self._world.now:
             self._losses.pop(0)
             self._record = Snapshot((), 0, None)
+            self.lost += 1
 
     def read(self) -> Snapshot:
         self._world.sleep(self._latency(False))
