@@ -101,7 +101,9 @@ def _relist(store: JobStore, path: TenantApp, request: bulk.BulkRequest, job: Jo
         store.mark_converged(job.key)
         conclude(job.key, owner)
         return
-    advance(store, store.extend(job, found), owner)
+    extended = store.extend(job, found)
+    if extended is not None:  # None: a copy of this continuation appended them already
+        advance(store, extended, owner)
 
 
 def _fan_out(job: Job, action_ids: tuple[str, ...]) -> None:

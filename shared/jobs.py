@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
+from azure.core import MatchConditions
+from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
 from shared.errors import StateStoreUnavailable
@@ -54,6 +55,7 @@ class Job:
     origin: str = "queue"  # "http": the summary is read from the status route, not sent
     caller: str = "queue"  # whose job: the HTTP caller's scope may read it
     owner: str = ""  # the job message (or HTTP request) that opened it
+    etag: str = ""  # the job row's version as read: a later listing appends only to this version
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,19 @@ class JobStore:
     def mark_fanned_out(self, key: str, count: int) -> None:
         self._merge(key, {"FannedOutCount": count})
 
-    def extend(self, job: Job, found: tuple[str, ...]) -> Job:
-        """A later listing's new actions appended (one round more); the job as it now is."""
+    def extend(self, job: Job, found: tuple[str, ...]) -> Job | None:
+        """A later listing's new actions appended (one round more), if the job row is still the
+        version `job` was read at; the job as it now is, or None when another copy of the same
+        continuation appended first (its sender was redelivered after a crash)."""
         ids = job.action_ids + found
-        self._merge(job.key, {"Rounds": job.rounds + 1, **_ids(ids)})
-        return replace(job, action_ids=ids, rounds=job.rounds + 1)
+        entity = {"PartitionKey": job.key, "RowKey": JOB_ROW, "Rounds": job.rounds + 1, **_ids(ids)}
+        try:
+            meta = self._io(lambda: self._table.update_entity(
+                entity, mode=UpdateMode.MERGE, etag=job.etag, match_condition=MatchConditions.IfNotModified
+            ))  # fmt: skip
+        except ResourceModifiedError:
+            return None
+        return replace(job, action_ids=ids, rounds=job.rounds + 1, etag=str(meta["etag"]))
 
     def mark_converged(self, key: str) -> None:
         self._merge(key, {"Converged": True})
@@ -152,7 +162,7 @@ class JobStore:
     def _io(self, call: Callable[[], T]) -> T:
         try:
             return recreating_table(self._table, call)
-        except (ResourceExistsError, ResourceNotFoundError):
+        except (ResourceExistsError, ResourceNotFoundError, ResourceModifiedError):
             raise
         except AzureError as exc:
             raise StateStoreUnavailable(
@@ -185,4 +195,5 @@ def _job(key: str, entity: Mapping[str, Any]) -> Job:
         origin=str(entity.get("Origin", "queue")),
         caller=str(entity.get("Caller", "queue")),
         owner=str(entity.get("Owner", "")),
+        etag=str(getattr(entity, "metadata", {}).get("etag", "")),
     )

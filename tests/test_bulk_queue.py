@@ -109,3 +109,24 @@ def test_a_single_cancel_that_names_its_machine_stays_a_single_cancel(
 
     assert (result["machineActionId"], result["outcome"]) == (action, "cancelled")
     assert [c.path.split("/")[-2] for c in sim.calls(api="cancel")] == [action]
+
+
+def test_two_copies_of_one_continuation_append_what_they_found_once(azurite: Azurite) -> None:
+    import secrets
+
+    from shared.jobs import Job, JobStore
+    from shared.settings import StorageConnection
+    from shared.storage import table_client
+
+    store = JobStore(table_client(StorageConnection(azurite.connection_string), f"Jobs{secrets.token_hex(6)}"))
+    first_ids = ("00000000-0000-4000-8000-000000000001",)
+    found = ("00000000-0000-4000-8000-000000000002",)
+    store.open(Job("t|job-2|" + MACHINE + "|all", "job-2", MACHINE, "t", "c", False, first_ids))
+    read = store.state("t|job-2|" + MACHINE + "|all").job
+    assert read is not None and read.etag
+
+    first, second = store.extend(read, found), store.extend(read, found)  # both read the same version
+
+    stored = store.get(read.key)
+    assert first is not None and second is None
+    assert stored is not None and stored.action_ids == first_ids + found and stored.rounds == 2
