@@ -84,7 +84,7 @@ def advance(store: JobStore, job: Job, owner: str) -> None:
     if job.fanned_out < len(job.action_ids):
         _fan_out(job, job.action_ids[job.fanned_out :])
         store.mark_fanned_out(job.key, len(job.action_ids))
-    if not job.action_ids[job.fanned_out :]:
+    else:  # every child was sent before (or there is none): the job may be complete already
         conclude(job.key, owner)
 
 
@@ -96,7 +96,8 @@ def _list(path: TenantApp, request: bulk.BulkRequest) -> bulk.Listing:
 def _relist(store: JobStore, path: TenantApp, request: bulk.BulkRequest, job: Job, owner: str) -> None:
     """List once more: what is new gets children (one round more); nothing new, the job concludes."""
     listing = _list(path, request)
-    found = tuple(str(a["id"]) for a in listing.actions if a["id"] not in set(job.action_ids))
+    known = set(job.action_ids)
+    found = tuple(str(a["id"]) for a in listing.actions if a["id"] not in known)
     if listing.status != 200 or not found:
         store.mark_converged(job.key)
         conclude(job.key, owner)
