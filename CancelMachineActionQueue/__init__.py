@@ -1,11 +1,9 @@
 """Queue trigger: a cancel from `cancel-machine-action`, its result to `cancel-machine-action-results`."""
 
-import json
-
 import azure.functions as func
 
-from shared import queue_api
 from shared.app import get_settings
+from shared.faces import queue_api
 
 get_settings()  # a bad setting stops the function from loading; the host logs which one, at start
 
@@ -13,4 +11,4 @@ get_settings()  # a bad setting stops the function from loading; the host logs w
 def main(msg: func.QueueMessage, result: func.Out[str]) -> None:
     message = queue_api.handle(msg.get_body(), msg.dequeue_count or 1, msg.id)
     if message is not None:
-        result.set(json.dumps(message))
+        result.set(message.to_json())

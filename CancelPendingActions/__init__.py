@@ -4,8 +4,8 @@ import json
 
 import azure.functions as func
 
-from shared import http_api
 from shared.app import get_settings
+from shared.faces import http_api
 
 get_settings()  # a bad setting stops the function from loading; the host logs which one, at start
 

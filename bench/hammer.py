@@ -42,17 +42,18 @@ def instrument(strategy: str, acquire_ms: list[float], tenant: str | None = None
     """Time every admission (and swap the limiter for the comparison strategies). The token is not
     fetched ahead: each instance's first call pays for it, as a cold instance on Azure does."""
     from shared.app import get_app
+    from shared.formats import Api
 
     app = get_app()
-    service: Any = app.of(app.settings.tenants.resolve(tenant)).service
+    quotas: Any = app.of(app.settings.tenants.resolve(tenant)).defender._quotas  # the client owns its quotas
     if strategy == "one-key":
-        service._gate = app.home.limiter
+        quotas[Api.CANCEL] = app.home.limiter
     if strategy == "fixed":
-        service._gate = FixedWindowLimiter.from_settings(app.settings)
+        quotas[Api.CANCEL] = FixedWindowLimiter.from_settings(app.settings)
     elif strategy == "none":
-        service._gate = None
+        del quotas[Api.CANCEL]
         return
-    gate = service._gate
+    gate = quotas[Api.CANCEL]
     original = gate.acquire
 
     def timed(max_wait: float = 0.0, spent: int = 0, share: float = 1.0) -> Any:

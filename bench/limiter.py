@@ -32,7 +32,7 @@ from localdev.countingproxy import CountingProxy
 from localdev.defender import DefenderSimulator
 from localdev.identity import IdentityEndpoint
 from localdev.windows import max_allowed, violations
-from shared.settings import DEFAULT_AUDIT_TABLE, DEFAULT_RATE_LIMIT_TABLE
+from shared.config.settings import DEFAULT_AUDIT_TABLE, DEFAULT_RATE_LIMIT_TABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-P = "tests/test_bulk_promises.py"
-SIM = "tests/test_simulation.py"
-IDEM = "tests/test_idempotency.py"
+P = "tests/integration/test_bulk_promises.py"
+SIM = "tests/unit/test_simulation.py"
+IDEM = "tests/integration/test_idempotency.py"
+DECIDE = "tests/unit/test_idempotency_decide.py"
+HTTP = "tests/integration/test_http_errors.py"
+LAYOUT = "tests/unit/test_layout.py"
 
 
 @dataclass(frozen=True)
@@ -38,69 +41,77 @@ class Mutant:
 
 MUTANTS = (
     # the five the review found surviving
-    Mutant("complete() unconditional", "shared/idempotency.py",
+    Mutant("complete() unconditional", "shared/idempotency/table.py",
            "                    entity, mode=UpdateMode.REPLACE, etag=claim.etag, match_condition=MatchConditions.IfNotModified\n                )\n                return",
            "                    entity, mode=UpdateMode.REPLACE\n                )\n                return", (IDEM,)),
-    Mutant("release() unconditional", "shared/idempotency.py",
+    Mutant("release() unconditional", "shared/idempotency/table.py",
            "self.partition(claim.key), ROW_KEY, etag=claim.etag, match_condition=MatchConditions.IfNotModified",
            "self.partition(claim.key), ROW_KEY", (IDEM,)),
-    Mutant("HTTP bulk lists on the cancel log", "shared/http_api.py",
-           'path.service, path.quotas["list"], request, settings.http_max_wait_seconds, cancel_until\n        )\n        if listing',
-           'path.service, path.quotas["cancel"], request, settings.http_max_wait_seconds, cancel_until\n        )\n        if listing',
+    Mutant("bulk lists on the cancel quota", "shared/defender/client.py",
+           "reply = self._send(Api.LIST, url, None, max_wait)", "reply = self._send(Api.CANCEL, url, None, max_wait)",
            (P,)),
-    Mutant("on_time() always true", "shared/ratelimit.py",
+    Mutant("on_time() always true", "shared/ratelimit/limiter.py",
            "return self._clock() <= permit.slot + self.slip_ms", "return True", (SIM,)),
-    Mutant("bulk cancels 120 s past their deadline", "shared/bulk.py",
+    Mutant("bulk cancels 120 s past their deadline", "shared/cancel/bulk.py",
            "max_wait=max(0.0, cancel_until - monotonic())", "max_wait=max(0.0, cancel_until + 120 - monotonic())", (P,)),
     # the limiter
-    Mutant("Retry-After hold ignored when placing a slot", "shared/ratelimit.py",
+    Mutant("Retry-After hold ignored when placing a slot", "shared/ratelimit/rule.py",
            "slot = max(not_before, blocked_until, log[-1] if log else not_before)",
            "slot = max(not_before, log[-1] if log else not_before)", (SIM,)),
-    Mutant("late write not given up", "shared/ratelimit.py",
+    Mutant("late write not given up", "shared/ratelimit/limiter.py",
            "            if written > slot + self.slip_ms:", "            if False:", (SIM,)),
-    Mutant("a Defender 429 on list/get holds nobody", "shared/defender.py",
+    Mutant("a Defender 429 on list/get holds nobody", "shared/defender/client.py",
            "if status == 429 and gate is not None:", "if status == 429 and gate is not None and payload is not None:",
            (P,)),
-    Mutant("Retry-After not capped", "shared/defender.py",
+    Mutant("Retry-After not capped", "shared/defender/retry.py",
            "return min(MAX_RETRY_AFTER_SECONDS, max(1, math.ceil(seconds)))", "return max(1, math.ceil(seconds))", (P,)),
-    Mutant("verify reads take the whole get window", "shared/service.py",
+    Mutant("verify reads take the whole get window", "shared/cancel/service.py",
            "VERIFY_READ_SHARE = 0.8", "VERIFY_READ_SHARE = 1.0", (P,)),
     # idempotency
-    Mutant("fence counted from after the claim", "shared/service.py",
+    Mutant("fence counted from after the claim", "shared/cancel/service.py",
            "        fence = self._monotonic() + self._answers.lease_seconds - self._budget\n        held = self._answers.claim(key, command.action_id)",
            "        held = self._answers.claim(key, command.action_id)\n        fence = self._monotonic() + self._answers.lease_seconds - self._budget",
            (SIM,)),
-    Mutant("lease judged on the taker's clock", "shared/idempotency.py",
-           'age = self._age(entity, date.get("d"))', 'age = self._clock() - float(entity.get("ClaimedAt", 0))',
+    Mutant("lease judged on the taker's clock", "shared/idempotency/table.py",
+           "age=self._age(entity, date),", 'age=self._clock() - float(entity.get("ClaimedAt", 0)),',
            (IDEM, SIM)),
-    Mutant("a read-back of the wrong shape taken as proof", "shared/defender.py",
+    Mutant("a read-back of the wrong shape taken as proof", "shared/defender/client.py",
            "            if problem:\n                raise InvalidUpstreamResponse(f\"Defender's read of",
            "            if False:\n                raise InvalidUpstreamResponse(f\"Defender's read of", (P,)),
-    Mutant("a key not handed back after a failed read", "shared/service.py",
+    Mutant("a key not handed back after a failed read", "shared/cancel/service.py",
            "        except AppError:  # no slot, no token, no answer, a body of the wrong shape: nothing known yet\n            answers.abandon(held)",
            "        except AppError:  # no slot, no token, no answer, a body of the wrong shape: nothing known yet\n            pass",
            (P,)),
-    Mutant("a handed-back key taken as an expired answer", "shared/idempotency.py",
-           "held = state in (IN_FLIGHT, ABANDONED)", "held = state == IN_FLIGHT", (IDEM, P)),
+    Mutant("a handed-back key taken as a fresh one", "shared/idempotency/record.py",
+           "if record is None or record.state is None:", "if record is None or record.state in (None, State.ABANDONED):",
+           (DECIDE, IDEM, P)),
+    Mutant("a live claim taken over", "shared/idempotency/record.py",
+           "if record.state is State.IN_FLIGHT and (record.age is None or record.age < lease):",
+           "if record.state is State.IN_FLIGHT and record.age is not None and record.age < lease:", (DECIDE, SIM)),
     # bulk
-    Mutant("job key without the machine", "shared/jobs.py",
+    Mutant("job key without the machine", "shared/storage/jobs.py",
            'return "|".join((tenant_id, job_id, machine_id, "+".join(sorted(types)) or "all"))',
            'return "|".join((tenant_id, job_id, "0" * 40, "+".join(sorted(types)) or "all"))', (P,)),
-    Mutant("summary parts as large as the whole", "shared/bulk_queue.py",
+    Mutant("summary parts as large as the whole", "shared/faces/bulk_queue.py",
            "MAX_PART_BYTES = 45_000", "MAX_PART_BYTES = 450_000", (P,)),
-    Mutant("no listing after the first", "shared/bulk.py", "MAX_LISTINGS = 4", "MAX_LISTINGS = 1", (P,)),
-    Mutant("a child's job not checked", "shared/queue_api.py",
+    Mutant("no listing after the first", "shared/cancel/bulk.py", "MAX_LISTINGS = 4", "MAX_LISTINGS = 1", (P,)),
+    Mutant("a child's job not checked", "shared/faces/queue_api.py",
            "return job is not None and job.tenant_id == tenant_id and message.action_id in job.action_ids",
            "return True", (P,)),
-    Mutant("a list page's shape not checked", "shared/defender.py",
+    Mutant("a list page's shape not checked", "shared/defender/client.py",
            '    """What makes `body` not a page of MachineActions, or None."""\n',
            '    """What makes `body` not a page of MachineActions, or None."""\n    return None\n', (P,)),
-    Mutant("a large HTTP batch answered inline", "shared/http_api.py",
+    Mutant("a large HTTP batch answered inline", "shared/faces/http_api.py",
            "if time.monotonic() + eta + settings.timeout_seconds > cancel_until:",
            "if time.monotonic() + eta + settings.timeout_seconds > cancel_until + 1e9:", (P,)),
     # verify and the local host
     Mutant("the queue host never renews a running message", "localdev/queuehost.py",
            "            with self._renewing(message):", "            with contextlib.nullcontext():", (P,)),
+    # the structure
+    Mutant("an HTTP route's unexpected exception escapes", "shared/faces/http_api.py",
+           "    except Exception:\n        logger.exception", "    except ZeroDivisionError:\n        logger.exception", (HTTP,)),
+    Mutant("a decided storage answer taken for a store that is down", "shared/storage/errors.py",
+           "    except DECIDED:\n        raise\n", "", (IDEM,)),
 )  # fmt: skip
 
 

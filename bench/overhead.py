@@ -67,7 +67,7 @@ def time_cancels(calls: int) -> dict[str, Any]:
             )  # fmt: skip
             return int(main(request).status_code)
 
-        token = get_app().service._defender._tokens.token()  # warm: token cached, table created
+        token = get_app().home.defender._tokens.token()  # warm: token cached, table created
         direct = requests.Session()
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 

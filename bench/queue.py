@@ -31,10 +31,10 @@ from localdev.defender import DefenderSimulator
 from localdev.identity import IdentityEndpoint
 from localdev.queuehost import open_queue
 from localdev.windows import violations
-from shared import queue_api
-from shared.ratelimit_table import TableSlidingLog
-from shared.settings import StorageConnection
-from shared.storage import table_client
+from shared.config.settings import StorageConnection
+from shared.faces import queue_api
+from shared.ratelimit.table import TableSlidingLog
+from shared.storage.clients import table_client
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

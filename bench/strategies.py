@@ -15,10 +15,10 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
+from shared.config.settings import RateWindow, Settings
 from shared.errors import QuotaExceeded
-from shared.ratelimit import Permit
-from shared.settings import RateWindow, Settings
-from shared.storage import table_client
+from shared.ratelimit.limiter import Permit
+from shared.storage.clients import table_client
 
 
 class FixedWindowLimiter:

@@ -9,40 +9,35 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shared import logs, redaction
-from shared.audit import AuditLog
-from shared.defender import DefenderClient, RequestsTransport
-from shared.ratelimit import RateLimiter
-from shared.service import CancelService
-from shared.settings import APIS, Settings
-from shared.storage import queue_client, table_client
-from shared.tenants import Tenant
-from shared.token import TokenProvider, identity_assertion, managed_identity, tenant_credential
+from shared.cancel.service import CancelService
+from shared.config.settings import Settings
+from shared.config.tenants import Tenant
+from shared.defender.client import DefenderClient
+from shared.defender.token import TokenProvider, identity_assertion, managed_identity, tenant_credential
+from shared.defender.transport import RequestsTransport
+from shared.formats import Api
+from shared.ratelimit.limiter import RateLimiter
+from shared.storage.audit import AuditLog
+from shared.storage.clients import queue_client, table_client
 
 if TYPE_CHECKING:
-    from shared.jobs import JobStore
+    from shared.storage.jobs import JobStore
 
 
 @dataclass(frozen=True)
 class TenantApp:
     """One tenant's path to Defender: its own tokens, a quota per Defender API (cancel, list, get:
-    each its own log), and the service."""
+    each its own log, owned by its client), and the service."""
 
     tenant: Tenant
     service: CancelService
-    quotas: Mapping[str, RateLimiter]  # by API (shared.settings.APIS)
-    rate_limit_key: str  # the cancel quota's; the others append -list / -get
+    defender: DefenderClient
+    quotas: Mapping[Api, RateLimiter]
+    keys: Mapping[Api, str]  # each quota's log key (shown by /api/quota)
 
     @property
     def limiter(self) -> RateLimiter:
-        return self.quotas["cancel"]
-
-    def quota_key(self, api: str) -> str:
-        return quota_key(self.rate_limit_key, api)
-
-
-def quota_key(cancel_key: str, api: str) -> str:
-    """The cancel quota keeps its key (its log survives an upgrade); the read APIs get their own."""
-    return cancel_key if api == "cancel" else f"{cancel_key}-{api}"
+        return self.quotas[Api.CANCEL]
 
 
 @dataclass(frozen=True)
@@ -53,7 +48,7 @@ class App:
     @functools.cached_property
     def jobs(self) -> JobStore:
         """The queue's bulk jobs: built on first use, so a cold start does not create their table."""
-        from shared.jobs import JobStore
+        from shared.storage.jobs import JobStore
 
         return JobStore(table_client(self.settings.storage, self.settings.bulk_table))
 
@@ -110,36 +105,43 @@ def reset_app() -> None:
 
 def build_app(settings: Settings) -> App:
     redaction.install()
-    from shared.idempotency import IdempotencyStore
-    from shared.ratelimit_table import TableSlidingLog
+    from shared.idempotency.table import IdempotencyStore
+    from shared.ratelimit.table import TableSlidingLog
 
     identity = managed_identity(settings.client_id, settings.timeout_seconds)
     transport = RequestsTransport()  # one connection pool for every tenant: Defender is one host
     audit = AuditLog(table_client(settings.storage, settings.audit_table))
     log_table = table_client(settings.storage, settings.rate_limit_table)
-    answers = IdempotencyStore(
-        table_client(settings.storage, settings.idempotency_table), settings.idempotency_lease_seconds
-    )
+    idempotency_table = table_client(settings.storage, settings.idempotency_table)
+    answers = IdempotencyStore(idempotency_table, lease_seconds=settings.idempotency_lease_seconds)
 
-    def quota(api: str, key: str) -> RateLimiter:
-        return RateLimiter(TableSlidingLog(log_table, key), settings.quota_windows(api), settings.safety_ms)
-
-    def tenant_app(tenant: Tenant, tokens: TokenProvider, key: str) -> TenantApp:
-        defender = DefenderClient(settings.api_base_url, tokens, settings.timeout_seconds, transport=transport)
-        quotas = {api: quota(api, quota_key(key, api)) for api in APIS}
-        service = CancelService(defender, audit, quotas["cancel"], answers, settings.timeout_seconds, tenant=tenant,
-                                reads=quotas["get"], verify_seconds=settings.verify_seconds)  # fmt: skip
-        return TenantApp(tenant, service, quotas, key)
+    def tenant_app(tenant: Tenant, tokens: TokenProvider) -> TenantApp:
+        keys = {api: settings.quota_key(api, None if tenant.home else tenant.id) for api in Api}
+        quotas = {
+            api: RateLimiter(TableSlidingLog(log_table, keys[api]), settings.quota_windows(api), settings.safety_ms)
+            for api in Api
+        }
+        defender = DefenderClient(
+            settings.api_base_url, tokens, settings.timeout_seconds, quotas=quotas, transport=transport
+        )
+        service = CancelService(
+            defender,
+            audit,
+            answers=answers,
+            budget_seconds=settings.timeout_seconds,
+            tenant=tenant,
+            verify_seconds=settings.verify_seconds,
+        )
+        return TenantApp(tenant, service, defender, quotas, keys)
 
     home = settings.tenants.home
-    home_tokens = TokenProvider(settings.token_scope, credential=identity)
-    apps = {home.id: tenant_app(home, home_tokens, settings.rate_limit_key)}
+    apps = {home.id: tenant_app(home, TokenProvider(settings.token_scope, credential=identity))}
     assertion = identity_assertion(identity, settings.exchange_audience)
     for tenant in settings.tenants.customers:
-        tokens = TokenProvider(
-            settings.token_scope, credential=_customer_credential(settings, tenant, assertion), source=_source(tenant)
+        credential = _customer_credential(settings, tenant, assertion)
+        apps[tenant.id] = tenant_app(
+            tenant, TokenProvider(settings.token_scope, credential=credential, source=_source(tenant))
         )
-        apps[tenant.id] = tenant_app(tenant, tokens, settings.tenant_rate_limit_key(tenant.id))
     return App(settings, apps)
 
 

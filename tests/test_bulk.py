@@ -145,7 +145,7 @@ def test_verify_reports_what_defender_ended_with(quotas: None, sim: DefenderSimu
      "{base}/api/machines?$skip=50", "{base}.evil.example/api/machineactions?$skip=50"],
 )  # fmt: skip
 def test_a_next_page_link_off_the_api_root_is_never_followed(sim: DefenderSimulator, link: str) -> None:
-    from shared.defender import DefenderClient
+    from shared.defender.client import DefenderClient
     from shared.errors import UpstreamUnavailable
 
     class NoToken:

@@ -21,7 +21,7 @@ from localdev.azurite import Azurite
 from localdev.defender import DefenderSimulator, Fault
 from localdev.identity import IdentityEndpoint
 from localdev.queuehost import open_queue
-from shared import queue_api
+from shared.faces import queue_api
 from tests.conftest import TOKEN_SECRET
 from tests.test_faults import read_all
 

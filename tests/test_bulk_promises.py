@@ -18,13 +18,13 @@ import pytest
 from localdev.azurite import Azurite
 from localdev.defender import DefenderSimulator, Fault
 from localdev.queuehost import QueueFunction
-from shared import queue_api
 from shared.app import reset_app
-from shared.idempotency import IdempotencyStore
-from shared.service import Claim
-from shared.settings import DEFAULT_IDEMPOTENCY_TABLE, StorageConnection
-from shared.storage import table_client
-from shared.validation import http_key
+from shared.config.settings import DEFAULT_IDEMPOTENCY_TABLE, StorageConnection
+from shared.faces import queue_api
+from shared.idempotency.keys import http_key
+from shared.idempotency.record import Claim
+from shared.idempotency.table import IdempotencyStore
+from shared.storage.clients import table_client
 from tests.conftest import TOKEN_SECRET, body_of, call, http_cancel
 from tests.test_queue import Queues, run_until_results
 
@@ -162,7 +162,7 @@ def slow_sim() -> Iterator[DefenderSimulator]:
 def test_a_large_http_batch_with_verify_answers_202_then_its_status_route_answers_every_action(
     jobs_env: dict[str, str], azurite: Azurite, slow_sim: DefenderSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import shared.http_api as http_api
+    from shared.faces import http_api
 
     monkeypatch.setenv("DEFENDER_API_BASE_URL", slow_sim.base_url)
     monkeypatch.setenv("RATE_LIMITS", "100/4")
@@ -377,12 +377,13 @@ def test_bulk_cancels_the_quota_cannot_serve_by_the_deadline_come_back_not_attem
 ) -> None:
     import time
 
-    from shared import bulk as bulk_module
     from shared.app import get_app
+    from shared.cancel import bulk as bulk_module
+    from shared.cancel.commands import BulkRequest
 
     monkeypatch.setenv("RATE_LIMITS", "2/5")
     actions = [{"id": sim.add_action(machine_id=MACHINE), "status": "Pending"} for _ in range(4)]
-    request = bulk_module.BulkRequest(MACHINE, "deadline")
+    request = BulkRequest(MACHINE, "deadline")
     until = time.monotonic() + 1.0  # the quota frees its next slot only after 5 s
 
     items = bulk_module.cancel_each(get_app().service, actions, request, "c", lambda a: None, until, until)
@@ -392,7 +393,7 @@ def test_bulk_cancels_the_quota_cannot_serve_by_the_deadline_come_back_not_attem
 
 
 def test_the_status_route_carries_the_requests_code_and_a_bounded_retry_after() -> None:
-    from shared.http_api import _poll_headers
+    from shared.faces.http_api import _poll_headers
 
     posted = _poll_headers(f"https://h/api/machines/{MACHINE}/cancelPendingActions?code=k%2B1", "j" * 32, 400.0)
     polled = _poll_headers(
@@ -425,7 +426,7 @@ def test_a_job_whose_tenant_was_removed_still_sends_its_summary(
     queues: Queues, azurite: Azurite, sim: DefenderSimulator
 ) -> None:
     from shared.app import get_app
-    from shared.jobs import Job, job_key
+    from shared.storage.jobs import Job, job_key
 
     gone = "0f0f0f0f-0000-4000-8000-000000000001"  # a tenant no longer in TENANTS
     action = sim.add_action(machine_id=MACHINE)

@@ -10,7 +10,7 @@ import pytest
 from localdev.azurite import Azurite
 from localdev.defender import DefenderSimulator
 from localdev.queuehost import QueueFunction
-from shared import queue_api
+from shared.faces import queue_api
 from tests.test_queue import Queues, run_until_results
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,9 +84,9 @@ def test_verify_on_a_queue_message_reports_the_status_read_back(
 def test_a_job_is_stored_once_and_its_summary_claimed_once(azurite: Azurite) -> None:
     import secrets
 
-    from shared.jobs import Job, JobStore
-    from shared.settings import StorageConnection
-    from shared.storage import table_client
+    from shared.config.settings import StorageConnection
+    from shared.storage.clients import table_client
+    from shared.storage.jobs import Job, JobStore
 
     store = JobStore(table_client(StorageConnection(azurite.connection_string), f"Jobs{secrets.token_hex(6)}"))
     ids = tuple(f"{i:08d}-0000-4000-8000-000000000000" for i in range(1700))  # three chunks of ids
@@ -114,9 +114,9 @@ def test_a_single_cancel_that_names_its_machine_stays_a_single_cancel(
 def test_two_copies_of_one_continuation_append_what_they_found_once(azurite: Azurite) -> None:
     import secrets
 
-    from shared.jobs import Job, JobStore
-    from shared.settings import StorageConnection
-    from shared.storage import table_client
+    from shared.config.settings import StorageConnection
+    from shared.storage.clients import table_client
+    from shared.storage.jobs import Job, JobStore
 
     store = JobStore(table_client(StorageConnection(azurite.connection_string), f"Jobs{secrets.token_hex(6)}"))
     first_ids = ("00000000-0000-4000-8000-000000000001",)

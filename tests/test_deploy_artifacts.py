@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from openapi_spec_validator import validate
 from pycep import BicepParser
 
-from shared.settings import Settings
-from shared.validation import parse_action_id, parse_idempotency_key
+from shared.cancel.commands import parse_action_id, parse_idempotency_key
+from shared.config.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 BICEP = sorted((ROOT / "infra").rglob("*.bicep"))
@@ -375,7 +375,7 @@ def test_the_connector_document_for_entra_mode_asks_for_a_token_and_sends_the_ke
 
 
 def test_every_setting_the_app_reads_is_deployed_documented_and_in_the_local_sample() -> None:
-    source = (ROOT / "shared/settings.py").read_text()
+    source = (ROOT / "shared/config/settings.py").read_text()
     read = set(re.findall(r'_(?:get|int|seconds|table|partition_key)\(env, "([A-Z_]+)"', source))
     bicep, local = bicep_app_settings(), json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
     readme = readme_defaults()

@@ -26,10 +26,10 @@ from localdev.defender import DefenderSimulator, Fault
 from localdev.identity import IdentityEndpoint
 from localdev.queuehost import open_queue
 from localdev.windows import violations
-from shared import queue_api
-from shared.ratelimit_table import TableSlidingLog
-from shared.settings import DEFAULT_RATE_LIMIT_TABLE, StorageConnection
-from shared.storage import table_client
+from shared.config.settings import DEFAULT_RATE_LIMIT_TABLE, StorageConnection
+from shared.faces import queue_api
+from shared.ratelimit.table import TableSlidingLog
+from shared.storage.clients import table_client
 from tests.conftest import TOKEN_SECRET, body_of, http_cancel
 from tests.instances import finish, run_instances, start_instances
 

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from localdev.defender import DefenderSimulator
-from shared import queue_api
-from shared.validation import MAX_COMMENT_CHARS
+from shared.faces import queue_api
+from shared.formats import MAX_COMMENT_CHARS
 from tests.conftest import http_cancel
 
 GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -155,9 +155,10 @@ def test_generated_queue_messages(
         raw = json.dumps(payload).encode()
     before = len(sim.state.calls)
 
-    result = queue_api.handle(raw, dequeue_count)
+    message = queue_api.handle(raw, dequeue_count)
 
-    assert result is not None  # with quota to spare and fresh keys, nothing is deferred
+    assert message is not None
+    result = message.to_dict()  # with quota to spare and fresh keys, nothing is deferred
     assert set(result) >= {"correlationId", "machineActionId", "status", "body", "outcome", "attempts", "completedAt"}
     if valid_message(payload):
         assert len(sim.state.calls) == before + 1

@@ -12,7 +12,7 @@ from localdev import tokens
 from localdev.azurite import Azurite
 from localdev.defender import DefenderSimulator, Fault
 from localdev.identity import IdentityEndpoint
-from shared.settings import DEFAULT_AUDIT_TABLE
+from shared.config.settings import DEFAULT_AUDIT_TABLE
 from tests.conftest import GUID, TOKEN_SECRET, body_of, closed_port_url, http_cancel
 
 

@@ -13,12 +13,12 @@ from azure.core.exceptions import ServiceRequestError
 
 from localdev.azurite import Azurite
 from localdev.defender import DefenderSimulator, Fault
+from shared.config.settings import DEFAULT_IDEMPOTENCY_TABLE, StorageConnection
 from shared.errors import RequestInProgress
-from shared.idempotency import IdempotencyStore
-from shared.service import Claim, StoredAnswer
-from shared.settings import DEFAULT_IDEMPOTENCY_TABLE, StorageConnection
-from shared.storage import table_client
-from shared.validation import http_key
+from shared.idempotency.keys import http_key
+from shared.idempotency.record import Claim, StoredAnswer
+from shared.idempotency.table import IdempotencyStore
+from shared.storage.clients import table_client
 from tests.conftest import GUID, body_of, http_cancel
 
 

@@ -16,12 +16,22 @@ from bench.logs import measure, worker_logging
 from localdev.defender import DefenderSimulator
 from localdev.identity import IdentityEndpoint
 from shared import logs
-from shared.audit import AuditRecord
+from shared.logs import AuditRecord
+from shared.outcomes import Outcome
 from tests.conftest import http_cancel
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERIES = json.loads((ROOT / "infra/log-queries.json").read_text())
-FIELDS = AuditRecord("a", "http", "c", "k", 200, "cancelled", 1.0, 1).fields()
+FIELDS = AuditRecord(
+    action_id="a",
+    source="http",
+    comment="c",
+    correlation_id="k",
+    upstream_status=200,
+    outcome=Outcome.CANCELLED,
+    duration_ms=1.0,
+    attempts=1,
+).fields()
 KQL_TYPES: dict[str, type | tuple[type, ...]] = {"tostring": str, "toint": int, "todouble": (int, float)}
 
 

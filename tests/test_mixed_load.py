@@ -20,7 +20,7 @@ from localdev.azurite import Azurite
 from localdev.defender import DefenderSimulator
 from localdev.identity import IdentityEndpoint
 from localdev.queuehost import open_queue
-from shared import queue_api
+from shared.faces import queue_api
 from tests.conftest import TOKEN_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ import azure.functions as func
 import pytest
 
 from localdev.defender import DefenderSimulator
-from shared.validation import parse_action_id
+from shared.cancel.commands import parse_action_id
 from tests.conftest import body_of
 from tests.expressions import arm, wdl
 

@@ -13,8 +13,8 @@ import pytest
 from localdev.azurite import Azurite
 from localdev.defender import DefenderSimulator, Fault
 from localdev.queuehost import QueueFunction, open_queue
-from shared import queue_api
-from shared.defender import RetryPolicy
+from shared.defender.retry import RetryPolicy
+from shared.faces import queue_api
 from tests.conftest import GUID
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,11 +186,11 @@ def test_a_duplicate_correlation_id_calls_defender_once_and_replays(
 def test_a_message_whose_key_is_in_flight_is_deferred_not_failed(
     host: QueueFunction, queues: Queues, sim: DefenderSimulator, azurite: Azurite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from shared.idempotency import IdempotencyStore
-    from shared.service import Claim
-    from shared.settings import DEFAULT_IDEMPOTENCY_TABLE, StorageConnection
-    from shared.storage import table_client
-    from shared.validation import queue_key
+    from shared.config.settings import DEFAULT_IDEMPOTENCY_TABLE, StorageConnection
+    from shared.idempotency.keys import queue_key
+    from shared.idempotency.record import Claim
+    from shared.idempotency.table import IdempotencyStore
+    from shared.storage.clients import table_client
 
     monkeypatch.setattr(queue_api, "IN_FLIGHT_DEFER_SECONDS", 1)
     action_id = sim.add_action()
@@ -228,8 +228,9 @@ def test_a_redelivered_message_without_correlation_id_replays_its_answer(
     again = queue_api.handle(body, 2, "message-1")  # the host crashed before deleting it: delivered again
 
     assert first is not None and again is not None
-    assert (first["status"], first["correlationId"]) == (200, "message-1")
-    assert (again["status"], again["body"], again.get("replayed")) == (200, first["body"], True)
+    one, two = first.to_dict(), again.to_dict()
+    assert (one["status"], one["correlationId"]) == (200, "message-1")
+    assert (two["status"], two["body"], two.get("replayed")) == (200, one["body"], True)
     assert len(sim.calls()) == 1
 
 
@@ -238,7 +239,7 @@ def test_a_deferred_copy_keeps_the_key_and_counts_every_delivery() -> None:
         json.dumps({"machineActionId": GUID, "comment": "c", "attempts": 2}).encode(), "m-7"
     )
 
-    again = queue_api.parse_message(json.dumps(message.deferred(deliveries=3)).encode(), "m-8")
+    again = queue_api.parse_message(message.again(deliveries=3).to_json().encode(), "m-8")
 
     assert again.attempts == 5
     assert again.command().idempotency_key == message.command().idempotency_key

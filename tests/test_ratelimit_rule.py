@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from localdev.windows import max_allowed, violations
-from shared.ratelimit import Window, earliest_slot, record, window_stats, windows_with_margin
-from shared.settings import RateWindow
+from shared.config.settings import RateWindow
+from shared.ratelimit.rule import Window, earliest_slot, record, window_stats, windows_with_margin
 
 windows_st = st.lists(st.builds(Window, limit=st.integers(1, 6), ms=st.integers(1, 400)), min_size=1, max_size=3)
 arrivals_st = st.lists(st.integers(0, 2000), min_size=1, max_size=60).map(sorted)

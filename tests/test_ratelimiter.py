@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 
 from localdev.azurite import Azurite
+from shared.config.settings import RateWindow
 from shared.errors import QuotaExceeded, StateStoreUnavailable
-from shared.ratelimit import Conflict, RateLimiter, SlidingLogStore, Snapshot
-from shared.ratelimit_memory import MemorySlidingLog
-from shared.ratelimit_table import TableSlidingLog, pack, unpack
-from shared.settings import RateWindow
-from shared.storage import table_client
+from shared.ratelimit.limiter import RateLimiter, SlidingLogStore
+from shared.ratelimit.memory import MemorySlidingLog
+from shared.ratelimit.rule import Conflict, Snapshot
+from shared.ratelimit.table import TableSlidingLog, pack, unpack
+from shared.storage.clients import table_client
 
 
 class FakeClock:
@@ -61,7 +62,7 @@ def new_store(request: pytest.FixtureRequest) -> Iterator[StoreFactory]:
         return
     azurite: Azurite = request.getfixturevalue("azurite")
     conn = azurite.connection_string
-    from shared.settings import StorageConnection
+    from shared.config.settings import StorageConnection
 
     key = f"k{secrets.token_hex(6)}"
     yield lambda: TableSlidingLog(table_client(StorageConnection(conn), "LimiterTests"), key)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from shared.config.settings import RateWindow, Settings, parse_api_base_url, parse_rate_limits
 from shared.errors import SettingsError
-from shared.settings import RateWindow, Settings, parse_api_base_url, parse_rate_limits
+from shared.formats import Api
 
 BASE = {"AzureWebJobsStorage": "UseDevelopmentStorage=true"}
 
@@ -225,7 +226,8 @@ def test_tenants_are_found_by_name_or_id_and_each_has_the_key_of_app_and_tenant(
     assert contoso == s.tenants.resolve("6d3f0c4a-2b1e-4f5a-8c7d-9e0f1a2b3c4d")
     assert (contoso.name, contoso.home) == ("contoso", False)
     assert s.tenants.resolve(None) == s.tenants.resolve("home") and s.tenants.home.home
-    assert s.tenant_rate_limit_key(contoso.id) == f"Public-{TENANT_ENV['TENANT_APP_CLIENT_ID']}-{contoso.id}"
+    assert s.quota_key(Api.CANCEL, contoso.id) == f"Public-{TENANT_ENV['TENANT_APP_CLIENT_ID']}-{contoso.id}"
+    assert s.quota_key(Api.LIST, contoso.id) == f"Public-{TENANT_ENV['TENANT_APP_CLIENT_ID']}-{contoso.id}-list"
     assert s.rate_limit_key == f"Public-{TENANT_ENV['AZURE_CLIENT_ID']}"  # the home tenant: unchanged
 
 

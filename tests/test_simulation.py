@@ -27,14 +27,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.audit import AuditLog
-from shared.defender import DefenderClient, RetryPolicy
+from shared.cancel.commands import CancelCommand
+from shared.cancel.service import CancelService, settles
+from shared.config.settings import RateWindow
+from shared.defender.client import DefenderClient
+from shared.defender.retry import RetryPolicy
 from shared.errors import AppError, OutcomeUnknown, QuotaExceeded
-from shared.idempotency import IdempotencyStore
-from shared.ratelimit import Permit, RateLimiter
-from shared.service import CancelService, settles
-from shared.settings import RateWindow
-from shared.validation import CancelCommand
+from shared.formats import Api
+from shared.idempotency.table import IdempotencyStore
+from shared.ratelimit.limiter import Permit, RateLimiter
+from shared.storage.audit import AuditLog
 from tests.virtual import (
     Defender,
     LogStore,
@@ -136,29 +138,30 @@ def build(
 
     limiter = RateLimiter(store, windows, MARGIN_MS, clock=world.epoch_ms(skew_ms), sleep=sleep)
     tokens = Tokens(world, cold_ms, refresh_at)
+    instance = Instance(world, limiter, cast(Any, None), tokens, skew_ms, oversleeps=oversleep > 0)
+    gate = CountingGate(limiter, store, instance)
     client = DefenderClient(
         "http://127.0.0.1:1",
         cast(Any, tokens),
         budget,
-        RetryPolicy(),
-        Transport(world, defender, rng, connect_ms=rng.uniform(0, 300)),
+        quotas={Api.CANCEL: gate},
+        retry=RetryPolicy(),
+        transport=Transport(world, defender, rng, connect_ms=rng.uniform(0, 300)),
         monotonic=world.monotonic,
         sleep=world.sleep_seconds,
     )
     answers = IdempotencyStore(
-        cast(Any, table), lease, clock=lambda: (world.now + skew_ms) / 1000, sleep=world.sleep_seconds
+        cast(Any, table), lease_seconds=lease, clock=lambda: (world.now + skew_ms) / 1000, sleep=world.sleep_seconds
     )
-    instance = Instance(world, limiter, cast(Any, None), tokens, skew_ms, oversleeps=oversleep > 0)
-    gate = CountingGate(limiter, store, instance)
     audit = AuditLog(cast(Any, table))
-    instance.service = CancelService(client, audit, gate, answers, budget, monotonic=world.monotonic)
+    instance.service = CancelService(client, audit, answers=answers, budget_seconds=budget, monotonic=world.monotonic)
     return instance
 
 
 def command(defender: Defender, key: str | None = None) -> CancelCommand:
     action_id = str(uuid.UUID(int=len(defender.states) + 1))
     defender.states[action_id] = "Pending"
-    return CancelCommand(action_id, "sim", "corr", "queue", key)
+    return CancelCommand(action_id, "sim", "corr", "queue", idempotency_key=key)
 
 
 # --- promise 1: the quota -------------------------------------------------------------------------

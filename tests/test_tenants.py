@@ -20,7 +20,7 @@ from localdev.entra import EntraEndpoint, FederatedCredential
 from localdev.identity import ISSUER_HOST, IdentityEndpoint, object_id
 from localdev.queuehost import QueueFunction
 from localdev.stack import LOCAL_IDENTITY, LOCAL_TENANT_APP, federate
-from shared import queue_api
+from shared.faces import queue_api
 from tests.conftest import body_of, call, http_cancel
 from tests.test_callers import principal
 from tests.test_queue import Queues, run_until_results
@@ -260,7 +260,7 @@ def test_a_deferred_copy_keeps_its_tenant() -> None:
         "msg-1",
     )
 
-    again = queue_api.parse_message(json.dumps(message.deferred(1)).encode(), "msg-2")
+    again = queue_api.parse_message(message.again(1).to_json().encode(), "msg-2")
 
     assert (again.tenant_ref, again.message_id) == ("contoso", "msg-1")
 

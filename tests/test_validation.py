@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
+from shared.cancel.commands import correlation_id, parse_action_id, parse_comment
 from shared.errors import InvalidRequest
-from shared.validation import correlation_id, parse_action_id, parse_comment
 
 
 def test_action_id_is_canonicalised_to_lower_case() -> None:

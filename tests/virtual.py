@@ -31,9 +31,9 @@ from azure.core.exceptions import (
 from azure.data.tables import TableEntity
 from greenlet import GreenletExit, getcurrent, greenlet
 
-from shared.defender import NotSent
+from shared.defender.transport import NotSent
 from shared.errors import StateStoreUnavailable, UpstreamTimeout
-from shared.ratelimit import Conflict, Snapshot
+from shared.ratelimit.rule import Conflict, Snapshot
 
 
 class World:

@@ -3,7 +3,7 @@
 The home tenant is where the app's managed identity lives: its tokens come straight from the
 identity, as they always did. Every other tenant is a customer whose admin consented a multi-tenant
 app registration; its tokens come from that app, which trusts the identity through a federated
-credential (shared.token). Defender counts its quota per app and tenant, so each tenant is its own
+credential (shared.defender.token). Defender counts its quota per app and tenant, so each tenant is its own
 quota (and, for the home tenant, the identity is a different app from the registration).
 
 `TENANTS` = `name=tenantId,...`; `ALLOWED_CALLERS` entries may be limited to some tenants with
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from shared.errors import AppError, SettingsError
-from shared.validation import GUID
+from shared.formats import GUID
 
 HOME = "home"
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # a name is safe in a route, a key and a log line
@@ -26,11 +26,6 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # a name is safe in a route, a k
 class TenantNotFound(AppError):
     status = 404
     code = "TenantNotFound"
-
-
-class TenantForbidden(AppError):
-    status = 403
-    code = "Forbidden"
 
 
 @dataclass(frozen=True)
@@ -93,52 +88,3 @@ def parse_tenants(raw: str, home_id: str | None) -> TenantDirectory:
     if home_id is not None and not GUID.fullmatch(home_id):
         raise SettingsError(f"HOME_TENANT_ID must be the home directory's id (a GUID); got {home_id!r}")
     return TenantDirectory.build(home_id.lower() if home_id else None, tuple(customers))
-
-
-@dataclass(frozen=True)
-class CallerPolicy:
-    """ALLOWED_CALLERS: who may call at all, and the tenants each limited caller may act in."""
-
-    allowed: frozenset[str] = frozenset()
-    limits: Mapping[str, frozenset[str]] = field(default_factory=dict)  # caller id -> tenant ids
-
-    def may_act_in(self, caller_ids: set[str], tenant: Tenant) -> bool:
-        """No ALLOWED_CALLERS: every key holder, everywhere. Else one of the caller's ids must be
-        listed without a limit, or with this tenant."""
-        if not self.allowed:
-            return True
-        return any(c in self.allowed and (c not in self.limits or tenant.id in self.limits[c]) for c in caller_ids)
-
-    def everywhere(self, caller_ids: set[str]) -> bool:
-        """Whether the caller may act in every tenant (and so may learn which ones exist)."""
-        return not self.allowed or any(c in self.allowed and c not in self.limits for c in caller_ids)
-
-    def tenant_for(self, caller_ids: set[str], tenants: TenantDirectory, ref: str | None) -> Tenant:
-        """The tenant `ref` names, if this caller may act in it. A caller limited to some tenants
-        gets 403 for every other name, configured or not, so it cannot list an MSSP's customers."""
-        tenant = tenants.home if ref is None else tenants.find(ref)
-        if tenant is None and self.everywhere(caller_ids):
-            raise not_found(ref)
-        if tenant is None or not self.may_act_in(caller_ids, tenant):
-            raise TenantForbidden("The caller may not act in this tenant (ALLOWED_CALLERS)")
-        return tenant
-
-
-def parse_callers(raw: str, tenants: TenantDirectory) -> CallerPolicy:
-    allowed: set[str] = set()
-    limits: dict[str, frozenset[str]] = {}
-    for part in (p.strip().lower() for p in raw.split(",") if p.strip()):
-        caller, limited, refs = (s.strip() for s in part.partition("="))
-        allowed.add(caller)
-        if not limited:
-            continue
-        ids = set()
-        for ref in (r.strip() for r in refs.split("|") if r.strip()):
-            tenant = tenants.find(ref)
-            if tenant is None:
-                raise SettingsError(f"ALLOWED_CALLERS limits {caller} to {ref!r}, which is not in TENANTS")
-            ids.add(tenant.id)
-        if not ids:
-            raise SettingsError(f"ALLOWED_CALLERS: {caller}= must name at least one tenant (name|name)")
-        limits[caller] = limits.get(caller, frozenset()) | ids
-    return CallerPolicy(frozenset(allowed), limits)

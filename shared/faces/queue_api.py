@@ -3,7 +3,7 @@
 Message: `{"machineActionId", "comment", "correlationId"?, "tenantId"?, "verify"?}` (+ our own
 `attempts` and `messageId`, carried by deferred copies, and `bulkJob` on a bulk job's children);
 `tenantId` is a TENANTS name or id, absent for the home tenant. A message with `machineId` instead
-is a bulk job (shared.bulk_queue). Its idempotency key is (correlationId, machineActionId), or the
+is a bulk job (shared.faces.bulk_queue). Its idempotency key is (correlationId, machineActionId), or the
 first delivery's message id when it has no correlationId, so a redelivered or deferred copy
 replays the answer instead of cancelling again. Outcomes:
 - Defender answered (2xx/4xx): a result with its status and body.
@@ -22,30 +22,30 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import replace
 from typing import Any
 
-from shared import bulk_queue, logs
+from shared import logs
 from shared.app import get_app, get_settings
-from shared.bulk import parse_bulk
-from shared.errors import AppError, InvalidRequest, OutcomeUnknown, QuotaExceeded, RequestInProgress, error_body
-from shared.redaction import redact
-from shared.service import CancelResult
-from shared.settings import QUEUE as QUEUE
-from shared.settings import QUEUE_INLINE_WAIT_SECONDS
-from shared.settings import RESULTS_QUEUE as RESULTS_QUEUE
-from shared.storage import queue_client
-from shared.tenants import Tenant, TenantNotFound
-from shared.validation import (
-    CancelCommand,
+from shared.cancel.commands import (
     correlation_id,
     parse_action_id,
+    parse_bulk,
     parse_comment,
     parse_flag,
     parse_json_object,
-    queue_key,
 )
+from shared.cancel.service import CancelResult
+from shared.config.settings import QUEUE as QUEUE
+from shared.config.settings import QUEUE_INLINE_WAIT_SECONDS
+from shared.config.settings import RESULTS_QUEUE as RESULTS_QUEUE
+from shared.config.tenants import Tenant, TenantNotFound
+from shared.errors import AppError, InvalidRequest, OutcomeUnknown, QuotaExceeded, RequestInProgress, error_body
+from shared.faces import bulk_queue
+from shared.faces.messages import BulkJobMessage, Message, QueueCancel, Result
+from shared.outcomes import Outcome
+from shared.redaction import redact
+from shared.storage.clients import queue_client
 
 logger = logging.getLogger(__name__)
 
@@ -57,52 +57,13 @@ _JOB_KEY = re.compile(r"[A-Za-z0-9._:\-]{1,64}\|[A-Za-z0-9._:\-]{1,128}\|[0-9a-f
 JOB_FIELDS = frozenset({"machineId", "correlationId", "tenantId", "messageId", "attempts", "bulkRound"})
 
 
-@dataclass(frozen=True)
-class QueueCancel:
-    """A valid message: what to cancel, and where its idempotency key comes from."""
-
-    action_id: str
-    comment: str
-    correlation_id: str | None  # as given; None when the message had none
-    message_id: str  # the first delivery's queue message id (kept by deferred copies)
-    attempts: int  # deliveries of earlier copies (deferrals)
-    tenant_ref: str | None = None  # as given: a TENANTS name or id; None is the home tenant
-    verify: bool = False
-    bulk_job: str | None = None  # a child of a bulk job (shared.bulk_queue): its outcome goes to the job
-
-    @property
-    def reported_correlation(self) -> str:
-        return self.correlation_id or self.message_id
-
-    def command(self) -> CancelCommand:
-        key = queue_key(self.correlation_id, self.action_id, self.message_id)
-        source = "bulk" if self.bulk_job else "queue"
-        return CancelCommand(self.action_id, self.comment, self.reported_correlation, source, key, self.verify)
-
-    def deferred(self, deliveries: int) -> dict[str, Any]:
-        """The copy to send again: the same key, and every delivery counted."""
-        again: dict[str, Any] = {"machineActionId": self.action_id, "comment": self.comment,
-                                 "attempts": self.attempts + deliveries}  # fmt: skip
-        if self.correlation_id:
-            again["correlationId"] = self.correlation_id
-        else:
-            again["messageId"] = self.message_id
-        if self.tenant_ref is not None:
-            again["tenantId"] = self.tenant_ref
-        if self.verify:
-            again["verify"] = True
-        if self.bulk_job:
-            again["bulkJob"] = self.bulk_job
-        return again
-
-
-def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> dict[str, Any] | None:
+def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> Message | None:
     """The result message to send, or None when the message was deferred or belongs to a bulk job
-    (whose one summary is sent by shared.bulk_queue). Raises to be retried."""
+    (whose one summary is sent by shared.faces.bulk_queue). Raises to be retried."""
     try:
         payload = parse_json_object(body, "The message")
         if "machineId" in payload and "machineActionId" not in payload:  # a job; a cancel may name its machine
-            return bulk_job(payload, dequeue_count, message_id)
+            return bulk_job(job_message(payload, message_id), dequeue_count, message_id)
         message = message_from(payload, message_id)
     except (InvalidRequest, TenantNotFound) as exc:
         return rejected(body, exc, dequeue_count)
@@ -133,25 +94,41 @@ def _own_job(message: QueueCancel, tenant_id: str | None) -> bool:
     return job is not None and job.tenant_id == tenant_id and message.action_id in job.action_ids
 
 
-def bulk_job(payload: dict[str, Any], dequeue_count: int, message_id: str | None) -> dict[str, Any] | None:
+def job_message(payload: dict[str, Any], message_id: str | None) -> BulkJobMessage:
+    return BulkJobMessage(
+        request=parse_bulk(payload.get("machineId"), payload, JOB_FIELDS),
+        correlation_id=_optional_id(payload, "correlationId"),
+        message_id=_optional_id(payload, "messageId") or message_id,
+        tenant_ref=_optional_id(payload, "tenantId"),
+        attempts=_attempts(payload),
+        bulk_round=_bulk_round(payload),
+    )
+
+
+def bulk_job(message: BulkJobMessage, dequeue_count: int, message_id: str | None) -> Message | None:
     """A bulk job message (or its continuation, `bulkRound`): its summary comes later, from the
     child that completes it."""
-    request = parse_bulk(payload.get("machineId"), payload, JOB_FIELDS)
-    given, carried = _optional_id(payload, "correlationId"), _optional_id(payload, "messageId")
-    tenant = get_settings().tenants.resolve(_optional_id(payload, "tenantId"))
-    bulk_round = _bulk_round(payload)
-    job_id = given or carried or message_id or correlation_id(None)
+    tenant = get_settings().tenants.resolve(message.tenant_ref)
+    job_id = message.correlation_id or message.message_id or correlation_id(None)
     try:
-        return bulk_queue.start(request, job_id, tenant, owner=message_id or job_id, bulk_round=bulk_round)
+        return bulk_queue.start(
+            message.request, job_id, tenant, owner=message_id or job_id, bulk_round=message.bulk_round
+        )
     except QuotaExceeded as exc:  # no list slot yet (or Defender's 429): the job comes back when one frees
-        again = {**payload, "attempts": _attempts(payload) + dequeue_count, **({} if given else {"messageId": job_id})}
-        delay = max(1, min(int(exc.wait_seconds), MAX_VISIBILITY_SECONDS))
-        queue_client(get_settings().queue_storage, QUEUE).send_message(json.dumps(again), visibility_timeout=delay)
+        again = replace(message, message_id=job_id, attempts=message.attempts + dequeue_count)
+        _send_again(again, int(exc.wait_seconds))
         return None
     except AppError as exc:  # a list that could not be made (a read: safe to retry); the last try answers
         if dequeue_count >= get_settings().max_dequeue_count:
-            return _message(job_id, None, tenant.id, None, error_body(exc.code, exc.message), "failed",
-                            _attempts(payload) + dequeue_count)  # fmt: skip
+            return Result(
+                correlation_id=job_id,
+                action_id=None,
+                tenant_id=tenant.id,
+                status=None,
+                body=error_body(exc.code, exc.message),
+                outcome=Outcome.FAILED,
+                attempts=message.attempts + dequeue_count,
+            )
         raise
 
 
@@ -162,7 +139,7 @@ def _bulk_round(payload: dict[str, Any]) -> int | None:
     return value
 
 
-def cancel(message: QueueCancel, tenant: Tenant, dequeue_count: int, body: bytes) -> dict[str, Any] | None:
+def cancel(message: QueueCancel, tenant: Tenant, dequeue_count: int, body: bytes) -> Result | None:
     """One cancel: its result message, or None when it was deferred. Raises to be retried."""
     attempts = message.attempts + dequeue_count
     command = message.command()
@@ -178,7 +155,7 @@ def cancel(message: QueueCancel, tenant: Tenant, dequeue_count: int, body: bytes
     except InvalidRequest as exc:  # e.g. a messageId key reused for another action (422)
         return rejected(body, exc, attempts)
     except OutcomeUnknown as exc:
-        return _result(command, tenant, None, error_body(exc.code, exc.message), "failed", attempts)
+        return _result(message, tenant, None, error_body(exc.code, exc.message), Outcome.FAILED, attempts)
     except AppError as exc:
         last_attempt(message, tenant, attempts, dequeue_count, None, error_body(exc.code, exc.message))
         raise
@@ -188,7 +165,7 @@ def cancel(message: QueueCancel, tenant: Tenant, dequeue_count: int, body: bytes
     if result.status == 503:  # Defender refused before acting, even after our retries
         last_attempt(message, tenant, attempts, dequeue_count, result.status, result.body)
         raise TransientUpstreamError(f"Defender answered {result.status}; the host will retry")
-    return result_message(command, tenant, result, attempts)
+    return result_message(message, tenant, result, attempts)
 
 
 class TransientUpstreamError(Exception):
@@ -200,15 +177,13 @@ def parse_message(body: bytes, message_id: str | None = None) -> QueueCancel:
 
 
 def message_from(payload: dict[str, Any], message_id: str | None = None) -> QueueCancel:
-    given = _optional_id(payload, "correlationId")
-    carried = _optional_id(payload, "messageId")
-    attempts = _attempts(payload)
     return QueueCancel(
         action_id=parse_action_id(payload.get("machineActionId")),
         comment=parse_comment(payload),
-        correlation_id=given,
-        message_id=carried or message_id or correlation_id(None),  # no id at all (not from the host): one now
-        attempts=attempts,
+        correlation_id=_optional_id(payload, "correlationId"),
+        # no id at all (not from the host): one now
+        message_id=_optional_id(payload, "messageId") or message_id or correlation_id(None),
+        attempts=_attempts(payload),
         tenant_ref=_optional_id(payload, "tenantId"),
         verify=parse_flag(payload, "verify"),
         bulk_job=_bulk_job_key(payload),
@@ -234,7 +209,8 @@ def _optional_id(payload: dict[str, Any], name: str) -> str | None:
     return given
 
 
-def rejected(body: bytes, exc: AppError, attempts: int) -> dict[str, Any]:
+def rejected(body: bytes, exc: AppError, attempts: int) -> Result:
+    """A message we cannot take: quoted (secrets scrubbed) in the result, never retried."""
     quoted = redact(body.decode("utf-8", "replace")[:MAX_QUOTED_CHARS])
     try:
         original: Any = json.loads(body)
@@ -244,23 +220,35 @@ def rejected(body: bytes, exc: AppError, attempts: int) -> dict[str, Any]:
     answer = error_body(exc.code, exc.message)
     answer["message"] = quoted
     logs.refused(exc, _text(fields.get("correlationId")) or "", "queue")
-    return _message(_text(fields.get("correlationId")), _text(fields.get("machineActionId")),
-                    _text(fields.get("tenantId")), None, answer, "rejected", attempts)  # fmt: skip
+    return Result(
+        correlation_id=_text(fields.get("correlationId")),
+        action_id=_text(fields.get("machineActionId")),
+        tenant_id=_text(fields.get("tenantId")),
+        status=None,
+        body=answer,
+        outcome=Outcome.REJECTED,
+        attempts=attempts,
+    )
 
 
-def result_message(command: CancelCommand, tenant: Tenant, result: CancelResult, attempts: int) -> dict[str, Any]:
+def result_message(message: QueueCancel, tenant: Tenant, result: CancelResult, attempts: int) -> Result:
     if 200 <= result.status < 300:
-        outcome = "cancelled"
+        outcome = Outcome.CANCELLED
     elif result.status >= 500:  # a 500/502/504: Defender may have acted; it is not asked again
-        outcome = "failed"
+        outcome = Outcome.FAILED
     else:
-        outcome = "upstream_rejected"
-    message = _result(command, tenant, result.status, result.body, outcome, attempts)
-    if result.replayed:
-        message["replayed"] = True
-    if result.verified_status is not None:
-        message["verifiedStatus"] = result.verified_status
-    return message
+        outcome = Outcome.UPSTREAM_REJECTED
+    return Result(
+        correlation_id=message.reported_correlation,
+        action_id=message.action_id,
+        tenant_id=tenant.id,
+        status=result.status,
+        body=result.body,
+        outcome=outcome,
+        attempts=attempts,
+        replayed=result.replayed,
+        verified_status=result.verified_status,
+    )
 
 
 def last_attempt(
@@ -271,47 +259,38 @@ def last_attempt(
     settings = get_settings()
     if dequeue_count < settings.max_dequeue_count:
         return
-    result = _result(message.command(), tenant, status, body, "failed", attempts)
+    result = _result(message, tenant, status, body, Outcome.FAILED, attempts)
     if message.bulk_job:
         bulk_queue.finish(message.bulk_job, result, message.message_id)
         return
-    queue_client(settings.queue_storage, RESULTS_QUEUE).send_message(json.dumps(result))
+    queue_client(settings.queue_storage, RESULTS_QUEUE).send_message(result.to_json())
 
 
 def defer(message: QueueCancel, seconds: int, deliveries: int) -> None:
     """Send the message again, visible in `seconds`; this invocation then ends cleanly."""
-    delay = max(1, min(int(seconds), MAX_VISIBILITY_SECONDS))
-    again = json.dumps(message.deferred(deliveries))
-    queue_client(get_settings().queue_storage, QUEUE).send_message(again, visibility_timeout=delay)
+    delay = _send_again(message.again(deliveries), seconds)
     # the service's record of the refusal (quota, in flight) already says why; this is detail
     logger.debug("deferred %s by %d s (correlation %s)", message.action_id, delay, message.reported_correlation)
 
 
+def _send_again(message: Message, seconds: int) -> int:
+    delay = max(1, min(int(seconds), MAX_VISIBILITY_SECONDS))
+    queue_client(get_settings().queue_storage, QUEUE).send_message(message.to_json(), visibility_timeout=delay)
+    return delay
+
+
 def _result(
-    command: CancelCommand, tenant: Tenant, status: int | None, body: Any, outcome: str, attempts: int
-) -> dict[str, Any]:
-    return _message(command.correlation_id, command.action_id, tenant.id, status, body, outcome, attempts)
-
-
-def _message(
-    correlation: str | None,
-    action_id: str | None,
-    tenant_id: str | None,
-    status: int | None,
-    body: Any,
-    outcome: str,
-    attempts: int,
-) -> dict[str, Any]:
-    return {
-        "correlationId": correlation,
-        "machineActionId": action_id,
-        "tenantId": tenant_id,
-        "status": status,
-        "body": body,
-        "outcome": outcome,
-        "attempts": attempts,
-        "completedAt": datetime.now(UTC).isoformat(timespec="milliseconds"),
-    }
+    message: QueueCancel, tenant: Tenant, status: int | None, body: Any, outcome: Outcome, attempts: int
+) -> Result:
+    return Result(
+        correlation_id=message.reported_correlation,
+        action_id=message.action_id,
+        tenant_id=tenant.id,
+        status=status,
+        body=body,
+        outcome=outcome,
+        attempts=attempts,
+    )
 
 
 def _text(value: Any) -> str | None:

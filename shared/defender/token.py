@@ -40,6 +40,7 @@ class TokenProvider:
     def __init__(
         self,
         scope: str,
+        *,
         client_id: str | None = None,
         budget_seconds: float = 30.0,
         credential: Any = None,

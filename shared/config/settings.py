@@ -15,74 +15,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from shared.errors import SettingsError
-from shared.tenants import CallerPolicy, TenantDirectory, parse_callers, parse_tenants
-from shared.validation import GUID
-
-# Per cloud: the API root, and the resource its tokens are for (CONTRACT.md). Public calls go to
-# api.security.microsoft.com, the host Microsoft documents now; its tokens are still for
-# api.securitycenter.microsoft.com (a token for another audience gets 403).
-API_ROOTS: Mapping[str, str] = {
-    "Public": "https://api.security.microsoft.com",
-    "GCC": "https://api-gcc.securitycenter.microsoft.us",
-    "GCCHigh": "https://api-gov.securitycenter.microsoft.us",
-    "DoD": "https://api-gov.securitycenter.microsoft.us",
-}
-TOKEN_RESOURCES: Mapping[str, str] = {
-    "Public": "https://api.securitycenter.microsoft.com",
-    "GCC": "https://api-gcc.securitycenter.microsoft.us",
-    "GCCHigh": "https://api-gov.securitycenter.microsoft.us",
-    "DoD": "https://api-gov.securitycenter.microsoft.us",
-}
-CLOUDS = tuple(API_ROOTS)
-# Per cloud: Entra's authority host, and the audience of the identity's token that the app
-# registration's federated credential trusts. GCC tenants live in the commercial Entra; GCC High and
-# DoD in Azure Government's ("Configure an application to trust a managed identity", Microsoft Entra
-# Workload ID docs; cross-cloud exchange is not supported).
-AUTHORITY_HOSTS: Mapping[str, str] = {
-    "Public": "https://login.microsoftonline.com",
-    "GCC": "https://login.microsoftonline.com",
-    "GCCHigh": "https://login.microsoftonline.us",
-    "DoD": "https://login.microsoftonline.us",
-}
-EXCHANGE_AUDIENCES: Mapping[str, str] = {
-    "Public": "api://AzureADTokenExchange",
-    "GCC": "api://AzureADTokenExchange",
-    "GCCHigh": "api://AzureADTokenExchangeUSGov",
-    "DoD": "api://AzureADTokenExchangeUSGov",
-}
-
-# Hosts that serve the Defender for Endpoint API (REFERENCE.md); anything else is refused so a
-# mistyped or hostile setting cannot send our bearer token elsewhere.
-KNOWN_DEFENDER_HOSTS = frozenset(
-    {
-        "api.securitycenter.microsoft.com",
-        "api-us.securitycenter.microsoft.com",
-        "api-eu.securitycenter.microsoft.com",
-        "api-uk.securitycenter.microsoft.com",
-        "api-au.securitycenter.microsoft.com",
-        "api.security.microsoft.com",
-        "us.api.security.microsoft.com",
-        "eu.api.security.microsoft.com",
-        "uk.api.security.microsoft.com",
-        "au.api.security.microsoft.com",
-        "swa.api.security.microsoft.com",
-        "ina.api.security.microsoft.com",
-        "aea.api.security.microsoft.com",
-        "api-gcc.securitycenter.microsoft.us",
-        "api-gov.securitycenter.microsoft.us",
-    }
+from shared.config.callers import CallerPolicy, parse_callers
+from shared.config.clouds import (
+    API_ROOTS,
+    AUTHORITY_HOSTS,
+    CLOUDS,
+    EXCHANGE_AUDIENCES,
+    KNOWN_DEFENDER_HOSTS,
+    TOKEN_RESOURCES,
 )
+from shared.config.tenants import TenantDirectory, parse_tenants
+from shared.errors import SettingsError
+from shared.formats import GUID, Api
 
 DEFAULT_RATE_LIMITS = "100/60,1500/3600"  # Defender's, for each of cancel, list and get (per app + tenant)
 DEFAULT_VERIFY_SECONDS = 30.0
-APIS = ("cancel", "list", "get")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # each Defender API the app calls has its own quota
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_SAFETY_MS = 1000
 QUEUE_CONNECTION = "AzureWebJobsStorage"
 QUEUE = "cancel-machine-action"  # the queue trigger's queue (CONTRACT.md)
 RESULTS_QUEUE = "cancel-machine-action-results"
-HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
+HOST_JSON = Path(__file__).resolve().parents[2] / "host.json"
 DEFAULT_MAX_DEQUEUE_COUNT = 5
 MAX_LOGGED_CALLS = 8000
 DEFAULT_TIMEOUT_SECONDS = 30.0
@@ -157,14 +110,17 @@ class Settings:
     def allowed_callers(self) -> frozenset[str]:
         return self.callers.allowed
 
-    def quota_windows(self, api: str) -> tuple[RateWindow, ...]:
-        """The windows of one Defender API's quota (APIS): RATE_LIMITS is the cancel quota."""
-        chosen = {"cancel": self.rate_limits, "list": self.list_rate_limits, "get": self.get_rate_limits}[api]
+    def quota_windows(self, api: Api) -> tuple[RateWindow, ...]:
+        """The windows of one Defender API's quota: RATE_LIMITS is the cancel quota."""
+        chosen = {Api.CANCEL: self.rate_limits, Api.LIST: self.list_rate_limits, Api.GET: self.get_rate_limits}[api]
         return chosen or self.rate_limits
 
-    def tenant_rate_limit_key(self, tenant_id: str) -> str:
-        """A customer tenant's quota: Defender counts per app (the registration) and tenant."""
-        return f"{self.cloud}-{self.tenant_app_client_id}-{tenant_id}"
+    def quota_key(self, api: Api, tenant_id: str | None = None) -> str:
+        """The log one Defender API's quota is kept in, for the home tenant (None) or a customer's.
+        Defender counts per app and tenant: a customer tenant's quota is the registration's there.
+        The cancel quota keeps the bare key (its log survives an upgrade); the read APIs append theirs."""
+        cancel = self.rate_limit_key if tenant_id is None else f"{self.cloud}-{self.tenant_app_client_id}-{tenant_id}"
+        return cancel if api is Api.CANCEL else f"{cancel}-{api}"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

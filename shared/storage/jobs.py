@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from azure.core import MatchConditions
-from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
-from shared.errors import StateStoreUnavailable
-from shared.storage import recreating_table
+from shared.storage.clients import recreating_table
+from shared.storage.errors import translated
 
 if TYPE_CHECKING:
     from azure.data.tables import TableClient
@@ -29,7 +29,6 @@ JOB_ROW = "job"
 SUMMARY_ROW = "summary"
 RELIST_ROW = "relist-{}"
 IDS_PER_PROPERTY = 800  # 37 characters each: a string property holds 32 K characters
-RETRY_AFTER_DOWN = 5
 T = TypeVar("T")
 
 
@@ -48,6 +47,7 @@ class Job:
     comment: str
     verify: bool
     action_ids: tuple[str, ...]
+    _: KW_ONLY
     fanned_out: int = 0  # how many of action_ids have had their child message sent
     types: tuple[str, ...] = ()
     rounds: int = 1  # listings made so far
@@ -117,9 +117,11 @@ class JobStore:
         ids = job.action_ids + found
         entity = {"PartitionKey": job.key, "RowKey": JOB_ROW, "Rounds": job.rounds + 1, **_ids(ids)}
         try:
-            meta = self._io(lambda: self._table.update_entity(
-                entity, mode=UpdateMode.MERGE, etag=job.etag, match_condition=MatchConditions.IfNotModified
-            ))  # fmt: skip
+            meta = self._io(
+                lambda: self._table.update_entity(
+                    entity, mode=UpdateMode.MERGE, etag=job.etag, match_condition=MatchConditions.IfNotModified
+                )
+            )
         except ResourceModifiedError:
             return None
         return replace(job, action_ids=ids, rounds=job.rounds + 1, etag=str(meta["etag"]))
@@ -160,25 +162,19 @@ class JobStore:
         self._io(lambda: self._table.update_entity(entity, mode=UpdateMode.MERGE))
 
     def _io(self, call: Callable[[], T]) -> T:
-        try:
+        with translated("the bulk job state"):
             return recreating_table(self._table, call)
-        except (ResourceExistsError, ResourceNotFoundError, ResourceModifiedError):
-            raise
-        except AzureError as exc:
-            raise StateStoreUnavailable(
-                f"The bulk job state cannot be reached: {type(exc).__name__}", retry_after=RETRY_AFTER_DOWN
-            ) from None
 
 
 def _ids(ids: tuple[str, ...]) -> dict[str, Any]:
-    chunks = {f"Actions{i // IDS_PER_PROPERTY}": ",".join(ids[i : i + IDS_PER_PROPERTY])
-              for i in range(0, len(ids), IDS_PER_PROPERTY)}  # fmt: skip
+    starts = range(0, len(ids), IDS_PER_PROPERTY)
+    chunks = {f"Actions{i // IDS_PER_PROPERTY}": ",".join(ids[i : i + IDS_PER_PROPERTY]) for i in starts}
     return {"Total": len(ids), **chunks}
 
 
 def _job(key: str, entity: Mapping[str, Any]) -> Job:
-    chunks = [entity[f"Actions{i}"] for i in range(int(entity["Total"]) // IDS_PER_PROPERTY + 1)
-              if entity.get(f"Actions{i}")]  # fmt: skip
+    properties = (f"Actions{i}" for i in range(int(entity["Total"]) // IDS_PER_PROPERTY + 1))
+    chunks = [entity[name] for name in properties if entity.get(name)]
     ids = tuple(i for chunk in chunks for i in chunk.split(","))
     return Job(
         key,

@@ -19,26 +19,29 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
+from dataclasses import replace
 from typing import Any
 
-from shared import bulk
 from shared.app import TenantApp, get_app, get_settings
-from shared.jobs import Job, JobState, JobStore, job_key
-from shared.settings import QUEUE, QUEUE_INLINE_WAIT_SECONDS, RESULTS_QUEUE
-from shared.storage import queue_client
-from shared.tenants import Tenant
+from shared.cancel import bulk
+from shared.cancel.commands import BulkRequest
+from shared.config.settings import QUEUE, QUEUE_INLINE_WAIT_SECONDS, RESULTS_QUEUE
+from shared.config.tenants import Tenant
+from shared.faces.messages import BulkJobMessage, ListingResult, Message, QueueCancel, Result, Summary
+from shared.outcomes import Outcome
+from shared.storage.clients import queue_client
+from shared.storage.jobs import Job, JobState, JobStore, job_key
 
 LIST_PAGES_SECONDS = 120.0  # later pages of a job's listing may wait this long for the list quota
 # A queue message holds 64 KiB after base64 (4/3): a summary part's JSON stays under 45,000 bytes.
 MAX_PART_BYTES = 45_000
 MAX_ERROR_CHARS = 1024  # an entry keeps Defender's error code and this much of its message
-OUTCOMES = ("cancelled", "already_final", "failed")
+OUTCOMES = (Outcome.CANCELLED, Outcome.ALREADY_FINAL, Outcome.FAILED)
 
 
 def start(
-    request: bulk.BulkRequest, job_id: str, tenant: Tenant, owner: str, bulk_round: int | None = None
-) -> dict[str, Any] | None:
+    request: BulkRequest, job_id: str, tenant: Tenant, owner: str, bulk_round: int | None = None
+) -> Message | None:
     """Run a job message: the dry-run summary at once; else list (the first time only) and fan out,
     or, for a continuation (`bulk_round`), list again. Raises QuotaExceeded when the list quota has
     no slot for the first page (the caller defers)."""
@@ -52,10 +55,11 @@ def start(
         if listing.status != 200:
             return _listing_failed(job_id, request, tenant, listing)
         if request.dry_run:
-            return _final(job_id, tenant, bulk.summary(request, listing.actions, None))
+            return Summary(
+                correlation_id=job_id, tenant_id=tenant.id, counts=bulk.summary(request, listing.actions, None)
+            )
         ids = tuple(str(a["id"]) for a in listing.actions)
-        job = store.open(Job(key, job_id, request.machine_id, tenant.id, request.comment, request.verify, ids,
-                             types=request.types, owner=owner))  # fmt: skip
+        job = store.open(_job(key, job_id, tenant, request, ids, owner=owner))
     elif bulk_round is not None:
         if bulk_round == job.rounds and state.complete and not job.converged and job.rounds < bulk.MAX_LISTINGS:
             _relist(store, path, request, job, owner)
@@ -67,16 +71,21 @@ def start(
     return None
 
 
-def open_http(request: bulk.BulkRequest, job_id: str, tenant: Tenant, caller: str, listing: bulk.Listing) -> Job:
+def open_http(request: BulkRequest, job_id: str, tenant: Tenant, caller: str, listing: bulk.Listing) -> Job:
     """Continue an HTTP bulk request as a durable job from what its first listing found; its summary
     is read from the status route (http_api.pending_job)."""
     ids = tuple(str(a["id"]) for a in listing.actions)
     key = job_key(tenant.id, job_id, request.machine_id, ())  # the id is the request's own: types need not key it
     store = jobs()
-    job = store.open(Job(key, job_id, request.machine_id, tenant.id, request.comment, request.verify, ids,
-                         types=request.types, origin="http", caller=caller, owner=job_id))  # fmt: skip
+    job = store.open(_job(key, job_id, tenant, request, ids, owner=job_id, origin="http", caller=caller))
     advance(store, job, job_id)
     return job
+
+
+def _job(key: str, job_id: str, tenant: Tenant, request: BulkRequest, ids: tuple[str, ...], **fields: Any) -> Job:
+    return Job(
+        key, job_id, request.machine_id, tenant.id, request.comment, request.verify, ids, types=request.types, **fields
+    )
 
 
 def advance(store: JobStore, job: Job, owner: str) -> None:
@@ -88,12 +97,12 @@ def advance(store: JobStore, job: Job, owner: str) -> None:
         conclude(job.key, owner)
 
 
-def _list(path: TenantApp, request: bulk.BulkRequest) -> bulk.Listing:
+def _list(path: TenantApp, request: BulkRequest) -> bulk.Listing:
     until = time.monotonic() + LIST_PAGES_SECONDS
-    return bulk.list_pending(path.service, path.quotas["list"], request, QUEUE_INLINE_WAIT_SECONDS, until)
+    return bulk.list_pending(path.defender, request, QUEUE_INLINE_WAIT_SECONDS, until)
 
 
-def _relist(store: JobStore, path: TenantApp, request: bulk.BulkRequest, job: Job, owner: str) -> None:
+def _relist(store: JobStore, path: TenantApp, request: BulkRequest, job: Job, owner: str) -> None:
     """List once more: what is new gets children (one round more); nothing new, the job concludes."""
     listing = _list(path, request)
     known = set(job.action_ids)
@@ -110,28 +119,33 @@ def _relist(store: JobStore, path: TenantApp, request: bulk.BulkRequest, job: Jo
 def _fan_out(job: Job, action_ids: tuple[str, ...]) -> None:
     client = queue_client(get_settings().queue_storage, QUEUE)
     for action_id in action_ids:
-        child: dict[str, Any] = {"machineActionId": action_id, "comment": job.comment,
-                                 "correlationId": job.correlation_id, "tenantId": job.tenant_id,
-                                 "bulkJob": job.key}  # fmt: skip
-        if job.verify:
-            child["verify"] = True
-        client.send_message(json.dumps(child))
+        child = QueueCancel(
+            action_id=action_id,
+            comment=job.comment,
+            correlation_id=job.correlation_id,
+            message_id="",  # a child always has the job's correlation id
+            tenant_ref=job.tenant_id,
+            verify=job.verify,
+            bulk_job=job.key,
+        )
+        client.send_message(child.to_json())
 
 
-def finish(job_key: str, result: dict[str, Any], owner: str) -> None:
+def finish(job_key: str, result: Result, owner: str) -> None:
     """A child's last word: record its outcome; if it completes the job, conclude it."""
-    body = result.get("body")
+    body = result.body
+    cancelled = result.outcome is Outcome.CANCELLED
     entry: dict[str, Any] = {
-        "machineActionId": result.get("machineActionId"),
-        "outcome": "cancelled" if result.get("outcome") == "cancelled" else bulk.outcome_of(result.get("status"), body),
-        "status": result.get("status"),
+        "machineActionId": result.action_id,
+        "outcome": Outcome.CANCELLED if cancelled else bulk.outcome_of(result.status, body),
+        "status": result.status,
     }
     if isinstance(body, dict) and "status" in body:
         entry["actionStatus"] = body["status"]
     if isinstance(body, dict) and "error" in body:
         entry["error"] = _short_error(body["error"])
-    if "verifiedStatus" in result:
-        entry["verifiedStatus"] = result["verifiedStatus"]
+    if result.verified_status is not None:
+        entry["verifiedStatus"] = result.verified_status
     jobs().record(job_key, str(entry["machineActionId"]), entry)
     conclude(job_key, owner)
 
@@ -156,31 +170,37 @@ def conclude(job_key: str, owner: str) -> None:
 
 
 def _continue(job: Job) -> None:
-    again: dict[str, Any] = {"machineId": job.machine_id, "comment": job.comment, "correlationId": job.correlation_id,
-                             "tenantId": job.tenant_id, "bulkRound": job.rounds}  # fmt: skip
-    if job.types:
-        again["types"] = list(job.types)
-    if job.verify:
-        again["verify"] = True
-    queue_client(get_settings().queue_storage, QUEUE).send_message(json.dumps(again))
+    request = BulkRequest(job.machine_id, job.comment, types=job.types, verify=job.verify)
+    again = BulkJobMessage(
+        request=request, correlation_id=job.correlation_id, tenant_ref=job.tenant_id, bulk_round=job.rounds
+    )
+    queue_client(get_settings().queue_storage, QUEUE).send_message(again.to_json())
 
 
 def summary_of(job: Job, outcomes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The job's summary: counts, and each action's entry in the order the job found them."""
     entries = [outcomes[a] for a in job.action_ids if a in outcomes]
     counts = {name: sum(1 for e in entries if e["outcome"] == name) for name in OUTCOMES}
-    return {"machineId": job.machine_id, "found": len(job.action_ids), "cancelled": counts["cancelled"],
-            "alreadyFinal": counts["already_final"], "failed": counts["failed"], "actions": entries}  # fmt: skip
+    return {
+        "machineId": job.machine_id,
+        "found": len(job.action_ids),
+        "cancelled": counts[Outcome.CANCELLED],
+        "alreadyFinal": counts[Outcome.ALREADY_FINAL],
+        "failed": counts[Outcome.FAILED],
+        "actions": entries,
+    }
 
 
-def summary_messages(job: Job, outcomes: dict[str, dict[str, Any]], replayed: bool = False) -> list[dict[str, Any]]:
+def summary_messages(job: Job, outcomes: dict[str, dict[str, Any]], replayed: bool = False) -> list[Summary]:
     """The summary as result messages that each fit a queue message: the counts in every part, the
     entries split across parts in order (`part` of `parts`)."""
     whole = summary_of(job, outcomes)
-    head = _final(job.correlation_id, Tenant(job.tenant_id, job.tenant_id), {**whole, "actions": []})
-    if replayed:
-        head["replayed"] = True
-    room = MAX_PART_BYTES - len(json.dumps({**head, "part": 999_999, "parts": 999_999}))
+    empty = {**whole, "actions": []}
+    head = Summary(
+        correlation_id=job.correlation_id, tenant_id=job.tenant_id, counts=empty, replayed=replayed, part=1, parts=1
+    )
+    # the room left for entries once the head is written (part numbers as wide as they may get)
+    room = MAX_PART_BYTES - len(replace(head, part=999_999, parts=999_999).to_json())
     parts: list[list[dict[str, Any]]] = [[]]
     used = 0
     for entry in whole["actions"]:
@@ -190,13 +210,13 @@ def summary_messages(job: Job, outcomes: dict[str, dict[str, Any]], replayed: bo
             used = 0
         parts[-1].append(entry)
         used += size
-    return [{**head, "actions": p, "part": i, "parts": len(parts)} for i, p in enumerate(parts, 1)]
+    return [replace(head, counts={**whole, "actions": p}, part=i, parts=len(parts)) for i, p in enumerate(parts, 1)]
 
 
 def _send_summary(job: Job, outcomes: dict[str, dict[str, Any]], replayed: bool = False) -> None:
     client = queue_client(get_settings().queue_storage, RESULTS_QUEUE)
     for message in summary_messages(job, outcomes, replayed):
-        client.send_message(json.dumps(message))
+        client.send_message(message.to_json())
 
 
 def _short_error(error: Any) -> Any:
@@ -206,16 +226,15 @@ def _short_error(error: Any) -> Any:
     return {"code": str(error.get("code", ""))[:100], "message": str(error.get("message", ""))[:MAX_ERROR_CHARS]}
 
 
-def _final(job_id: str, tenant: Tenant, summary: dict[str, Any]) -> dict[str, Any]:
-    return {"correlationId": job_id, "tenantId": tenant.id, "outcome": "completed", **summary,
-            "completedAt": datetime.now(UTC).isoformat(timespec="milliseconds")}  # fmt: skip
-
-
-def _listing_failed(job_id: str, request: bulk.BulkRequest, tenant: Tenant, listing: bulk.Listing) -> dict[str, Any]:
-    outcome = "failed" if listing.status >= 500 else "upstream_rejected"
-    return {"correlationId": job_id, "machineId": request.machine_id, "tenantId": tenant.id, "status": listing.status,
-            "body": listing.body, "outcome": outcome,
-            "completedAt": datetime.now(UTC).isoformat(timespec="milliseconds")}  # fmt: skip
+def _listing_failed(job_id: str, request: BulkRequest, tenant: Tenant, listing: bulk.Listing) -> ListingResult:
+    return ListingResult(
+        correlation_id=job_id,
+        machine_id=request.machine_id,
+        tenant_id=tenant.id,
+        status=listing.status,
+        body=listing.body,
+        outcome=Outcome.FAILED if listing.status >= 500 else Outcome.UPSTREAM_REJECTED,
+    )
 
 
 def jobs() -> JobStore:

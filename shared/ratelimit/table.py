@@ -11,19 +11,21 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from azure.core import MatchConditions
-from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import EdmType, EntityProperty, UpdateMode
 
 from shared.errors import StateStoreUnavailable
-from shared.ratelimit import Conflict, Snapshot
-from shared.storage import recreating_table
+from shared.ratelimit.rule import Conflict, Snapshot
+from shared.storage.clients import recreating_table
+from shared.storage.errors import translated
 
 if TYPE_CHECKING:
     from azure.data.tables import TableClient
 
 ROW_KEY = "sliding-log"
 MAX_ENTRIES = (64 * 1024 - 8) // 8  # Edm.Binary holds up to 64 KiB
-RETRY_AFTER_DOWN = 5
+WHAT = "the rate limit state"
+RETRY_AFTER_TOO_LARGE = 60  # not a store that is down: a log this long needs other settings
 
 
 def pack(log: Sequence[int], blocked_until: int) -> bytes:
@@ -35,12 +37,6 @@ def unpack(data: bytes) -> tuple[tuple[int, ...], int]:
     return tuple(values[1:]), values[0] if values else 0
 
 
-def _unavailable(exc: AzureError) -> StateStoreUnavailable:
-    return StateStoreUnavailable(
-        f"The rate limit state cannot be reached: {type(exc).__name__}", retry_after=RETRY_AFTER_DOWN
-    )
-
-
 class TableSlidingLog:
     def __init__(self, table: TableClient, key: str) -> None:
         self._table = table
@@ -48,11 +44,10 @@ class TableSlidingLog:
 
     def read(self) -> Snapshot:
         try:
-            entity = self._table.get_entity(self._key, ROW_KEY)
+            with translated(WHAT):
+                entity = self._table.get_entity(self._key, ROW_KEY)
         except ResourceNotFoundError:
             return Snapshot((), 0, None)
-        except AzureError as exc:
-            raise _unavailable(exc) from None
         log, blocked_until = unpack(bytes(entity.get("Log") or b""))
         horizon = entity.get("HorizonMs")
         horizon_ms = int(horizon.value if isinstance(horizon, EntityProperty) else horizon or 0)
@@ -62,7 +57,9 @@ class TableSlidingLog:
         self, log: Sequence[int], blocked_until: int, etag: str | None, horizon_ms: int = 0, writers: str = ""
     ) -> str:
         if len(log) > MAX_ENTRIES:
-            raise StateStoreUnavailable("The rate limit log is larger than one entity can hold", retry_after=60)
+            raise StateStoreUnavailable(
+                "The rate limit log is larger than one entity can hold", retry_after=RETRY_AFTER_TOO_LARGE
+            )
         entity: dict[str, Any] = {
             "PartitionKey": self._key,
             "RowKey": ROW_KEY,
@@ -71,20 +68,15 @@ class TableSlidingLog:
             "Writers": writers,
         }
         try:
-            if etag is not None:
-                meta = self._table.update_entity(
-                    entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
-                )
-            else:
-                meta = self._create(entity)
-        except (ResourceModifiedError, ResourceExistsError):
-            raise Conflict from None
-        except ResourceNotFoundError:  # the record (or its table) vanished since we read it: re-read
-            raise Conflict from None
-        except AzureError as exc:
-            if getattr(exc, "status_code", None) == 412:
-                raise Conflict from None
-            raise _unavailable(exc) from None
+            with translated(WHAT):
+                if etag is not None:
+                    meta = self._table.update_entity(
+                        entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
+                    )
+                else:
+                    meta = self._create(entity)
+        except (ResourceModifiedError, ResourceExistsError, ResourceNotFoundError):
+            raise Conflict from None  # changed, created by another, or vanished since we read it: re-read
         return str(meta["etag"])
 
     def _create(self, entity: dict[str, Any]) -> dict[str, Any]:

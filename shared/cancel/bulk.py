@@ -8,73 +8,23 @@ action role, as a single cancel does.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.defender import DEFAULT_RETRY_AFTER_SECONDS, QuotaGate, error_message
-from shared.errors import AppError, InvalidRequest, QuotaExceeded, error_body
-from shared.service import VERIFIED_ANSWERS, CancelResult, CancelService
-from shared.validation import CancelCommand, parse_comment, parse_flag
+from shared.cancel.commands import BulkRequest, CancelCommand
+from shared.cancel.service import VERIFIED_ANSWERS, CancelResult, CancelService
+from shared.defender.client import DefenderClient, error_message
+from shared.defender.retry import DEFAULT_RETRY_AFTER_SECONDS
+from shared.errors import AppError, QuotaExceeded, error_body
+from shared.formats import OPEN_STATUSES
+from shared.outcomes import Outcome
 
-OPEN_STATUSES = ("Pending", "InProgress")
 CONCURRENCY = 8  # cancels in flight at once (the Defender connection pool holds 16)
 MAX_LISTINGS = 4  # a first listing and up to three more, each after cancelling what was new
-# Defender's machine action types (MachineAction.type in its Swagger and REFERENCE.md).
-ACTION_TYPES = frozenset(
-    {
-        "RunAntiVirusScan", "Offboard", "LiveResponse", "CollectInvestigationPackage", "Isolate", "Unisolate",
-        "StopAndQuarantineFile", "RestrictCodeExecution", "UnrestrictCodeExecution", "RequestSample",
-    }
-)  # fmt: skip
-BULK_FIELDS = frozenset({"Comment", "comment", "types", "dryRun", "verify"})
 READ_ROLES_HINT = "listing a machine's actions needs the app role Machine.Read.All (or Machine.ReadWrite.All)"
-_MACHINE_ID = re.compile(r"[0-9a-fA-F]{40}")
-
-
-@dataclass(frozen=True)
-class BulkRequest:
-    machine_id: str  # Defender's machine id: 40 hex digits, lower case
-    comment: str
-    types: tuple[str, ...] = ()
-    dry_run: bool = False
-    verify: bool = False
-
-    def odata_filter(self) -> str:
-        """The machine's actions that are not final, of the asked types."""
-        status = " or ".join(f"status eq '{s}'" for s in OPEN_STATUSES)
-        terms = [f"machineId eq '{self.machine_id}'", f"({status})"]
-        if self.types:
-            terms.append("(" + " or ".join(f"type eq '{t}'" for t in self.types) + ")")
-        return " and ".join(terms)
-
-
-def parse_machine_id(raw: object) -> str:
-    if not isinstance(raw, str) or not _MACHINE_ID.fullmatch(raw):
-        raise InvalidRequest("The machine id must be Defender's machine id: 40 hexadecimal digits")
-    return raw.lower()
-
-
-def parse_bulk(
-    machine_id: object, payload: Mapping[str, Any], extra_fields: frozenset[str] = frozenset()
-) -> BulkRequest:
-    """Validate a bulk cancel before any call; unknown fields are refused, not ignored."""
-    unknown = sorted(set(payload) - BULK_FIELDS - extra_fields)
-    if unknown:
-        raise InvalidRequest(f"Unknown field(s): {', '.join(unknown)}", code="InvalidRequestBody")
-    types = payload.get("types", [])
-    if not isinstance(types, list) or not all(isinstance(t, str) and t in ACTION_TYPES for t in types):
-        raise InvalidRequest(f"'types' must be a list of {', '.join(sorted(ACTION_TYPES))}", code="InvalidRequestBody")
-    return BulkRequest(
-        parse_machine_id(machine_id),
-        parse_comment(payload),
-        tuple(dict.fromkeys(types)),
-        parse_flag(payload, "dryRun"),
-        parse_flag(payload, "verify"),
-    )
 
 
 @dataclass(frozen=True)
@@ -87,19 +37,16 @@ class Listing:
     pages: int = 0
 
 
-def list_pending(
-    service: CancelService, gate: QuotaGate | None, request: BulkRequest, first_wait: float, until: float
-) -> Listing:
+def list_pending(defender: DefenderClient, request: BulkRequest, first_wait: float, until: float) -> Listing:
     """Every page of the machine's open actions. The first page waits for the list quota as long as
     a single call would (`first_wait`, QuotaExceeded past it); the next ones, needed to finish what
     was started, until `until` (monotonic). Defender's 429 is QuotaExceeded too (the client held
     the list quota for every instance); a page of the wrong shape is InvalidUpstreamResponse."""
-    defender = service.defender
     url: str | None = defender.list_url(request.odata_filter())
     actions: list[dict[str, Any]] = []
     pages = 0
     while url:
-        reply = defender.list_page(url, gate, first_wait if pages == 0 else max(0.0, until - time.monotonic()))
+        reply = defender.list_page(url, max_wait=first_wait if pages == 0 else max(0.0, until - time.monotonic()))
         pages += 1
         if reply.status == 429:
             wait = reply.retry_after or DEFAULT_RETRY_AFTER_SECONDS
@@ -122,13 +69,13 @@ def item(action: Mapping[str, Any]) -> dict[str, Any]:
     return {"id": action.get("id"), "type": action.get("type"), "statusBefore": action.get("status")}
 
 
-def outcome_of(status: int | None, body: Any) -> str:
+def outcome_of(status: int | None, body: Any) -> Outcome:
     """cancelled (2xx), already_final (Defender's 400 for an action that ended meanwhile), failed."""
     if status is not None and 200 <= status < 300:
-        return "cancelled"
+        return Outcome.CANCELLED
     if status == 400 and "already" in error_message(body):
-        return "already_final"
-    return "failed"
+        return Outcome.ALREADY_FINAL
+    return Outcome.FAILED
 
 
 def cancel_each(
@@ -139,6 +86,7 @@ def cancel_each(
     key: Callable[[str], str | None],
     cancel_until: float,
     verify_until: float,
+    *,
     caller: str = "queue",
     monotonic: Callable[[], float] = time.monotonic,
 ) -> list[dict[str, Any]]:
@@ -151,14 +99,16 @@ def cancel_each(
 
     def one(action: dict[str, Any]) -> tuple[dict[str, Any], CancelResult | None]:
         entry, action_id = item(action), str(action.get("id"))
-        command = CancelCommand(action_id, request.comment, correlation, "bulk", key(action_id), caller=caller)
+        command = CancelCommand(
+            action_id, request.comment, correlation, "bulk", idempotency_key=key(action_id), caller=caller
+        )
         try:
             result = service.cancel(command, max_wait=max(0.0, cancel_until - monotonic()))
         except QuotaExceeded as exc:
-            entry.update(outcome="not_attempted", status=429, body=error_body(exc.code, exc.message))
+            entry.update(outcome=Outcome.NOT_ATTEMPTED, status=429, body=error_body(exc.code, exc.message))
             return entry, None
         except AppError as exc:
-            entry.update(outcome="failed", status=exc.status, body=error_body(exc.code, exc.message))
+            entry.update(outcome=Outcome.FAILED, status=exc.status, body=error_body(exc.code, exc.message))
             return entry, None
         entry.update(outcome=outcome_of(result.status, result.body), status=result.status, body=result.body)
         return entry, result
@@ -176,8 +126,7 @@ def cancel_each(
 
 
 def cancel_converging(
-    service: CancelService,
-    gate: QuotaGate | None,
+    defender: DefenderClient,
     request: BulkRequest,
     first: Listing,
     cancel: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
@@ -192,7 +141,7 @@ def cancel_converging(
     seen = {a["id"] for a in actions}
     for _ in range(MAX_LISTINGS - 1):
         try:
-            again = list_pending(service, gate, request, first_wait, until)
+            again = list_pending(defender, request, first_wait, until)
         except AppError:  # no list slot in time, or no answer: what was found stands
             break
         new = [a for a in again.actions if a["id"] not in seen]
@@ -207,16 +156,16 @@ def cancel_converging(
 def summary(request: BulkRequest, actions: list[dict[str, Any]], items: list[dict[str, Any]] | None) -> dict[str, Any]:
     """The answer: what was found, and for each what Defender answered (with dryRun: only listed)."""
     if items is None:
-        items = [{**item(a), "outcome": "listed"} for a in actions]
-    counts = {name: sum(1 for i in items if i["outcome"] == name) for name in
-              ("cancelled", "already_final", "failed", "not_attempted")}  # fmt: skip
+        items = [{**item(a), "outcome": Outcome.LISTED} for a in actions]
+    counted = (Outcome.CANCELLED, Outcome.ALREADY_FINAL, Outcome.FAILED, Outcome.NOT_ATTEMPTED)
+    counts = {name: sum(1 for i in items if i["outcome"] == name) for name in counted}
     return {
         "machineId": request.machine_id,
         "dryRun": request.dry_run,
         "found": len(actions),
-        "cancelled": counts["cancelled"],
-        "alreadyFinal": counts["already_final"],
-        "failed": counts["failed"],
-        "notAttempted": counts["not_attempted"],
+        "cancelled": counts[Outcome.CANCELLED],
+        "alreadyFinal": counts[Outcome.ALREADY_FINAL],
+        "failed": counts[Outcome.FAILED],
+        "notAttempted": counts[Outcome.NOT_ATTEMPTED],
         "actions": items,
     }

@@ -1,4 +1,8 @@
-"""The cancel service both triggers share: idempotency, quota, upstream call, audit."""
+"""The cancel service both triggers share: idempotency, quota, upstream call, audit.
+
+It sees its collaborators as ports: the Defender client (which owns each API's quota), the
+idempotency records (AnswerStore, shared.idempotency.table in production) and the audit trail.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from shared import defender, logs
-from shared.audit import AuditLog, AuditRecord
-from shared.defender import DefenderClient, QuotaGate
+from shared import logs
+from shared.cancel.commands import CancelCommand
+from shared.config.tenants import HOME, Tenant
+from shared.defender.client import DefenderClient
+from shared.defender.retry import DEFAULT_RETRY_AFTER_SECONDS, REFUSED_BEFORE_ACTING
 from shared.errors import (
     AppError,
     OutcomeUnknown,
@@ -19,10 +25,12 @@ from shared.errors import (
     UpstreamUnavailable,
     error_body,
 )
-from shared.tenants import HOME, Tenant
-from shared.validation import CancelCommand
+from shared.formats import FINAL_STATUSES
+from shared.idempotency.keys import in_tenant
+from shared.idempotency.record import Claim, StoredAnswer, outcome_unknown
+from shared.logs import AuditRecord
+from shared.outcomes import Outcome, of_answer
 
-FINAL_STATUSES = frozenset({"Succeeded", "Failed", "TimeOut", "Cancelled"})  # Defender's, for an action
 VERIFIED_ANSWERS = frozenset({200, 400})  # cancelled, or "already final": worth reading back
 FIRST_POLL_SECONDS = 0.5
 MAX_POLL_SECONDS = 4.0
@@ -32,45 +40,9 @@ MAX_POLL_SECONDS = 4.0
 VERIFY_READ_SHARE = 0.8
 
 
-@dataclass(frozen=True)
-class StoredAnswer:
-    """An answer kept for an idempotency key: replay it."""
-
-    status: int
-    body: Any
-
-
-@dataclass(frozen=True)
-class Claim:
-    """The right to call Defender for `key`, as long as the record is still at `etag`."""
-
-    key: str
-    action_id: str
-    etag: str
-    abandoned: bool = False  # taken over from a holder that died: what it did must be read first
-
-
-UNKNOWN_STATUS = 502
-UNKNOWN_CODE = "OutcomeUnknown"
-
-
-def outcome_unknown() -> StoredAnswer:
-    """The answer of a key whose holder died after it may have reached Defender, when Defender's
-    state cannot tell what it did."""
-    return StoredAnswer(
-        UNKNOWN_STATUS,
-        error_body(
-            UNKNOWN_CODE,
-            "An earlier request with this key stopped after it may have reached Defender, before its answer "
-            "was recorded. Defender may have cancelled the action: read its status before trying again "
-            "with a new key.",
-        ),
-    )
-
-
 class AnswerStore(Protocol):
-    """Idempotency records, as the service sees them (Table Storage: shared.idempotency, imported
-    only when the app is built, so a cold start does not load azure-data-tables)."""
+    """Idempotency records, as the service sees them (Table Storage: shared.idempotency.table,
+    imported only when the app is built, so a cold start does not load azure-data-tables)."""
 
     lease_seconds: float
 
@@ -81,6 +53,12 @@ class AnswerStore(Protocol):
     def release(self, claim: Claim) -> None: ...
 
     def abandon(self, claim: Claim) -> None: ...
+
+
+class AuditTrail(Protocol):
+    """Where a request that reached Defender is recorded (shared.storage.audit.AuditLog)."""
+
+    def record(self, record: AuditRecord) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -100,30 +78,27 @@ class CancelResult:
 def settles(status: int) -> bool:
     """An answer that settles a key: everything but Defender refusing before it acted (429, 503).
     A 500 or a gateway's 502/504 may come after Defender cancelled: it is kept, never sent again."""
-    return status not in defender.REFUSED_BEFORE_ACTING
+    return status not in REFUSED_BEFORE_ACTING
 
 
 class CancelService:
     def __init__(
         self,
         defender: DefenderClient,
-        audit: AuditLog,
-        gate: QuotaGate | None = None,
+        audit: AuditTrail,
+        *,
         answers: AnswerStore | None = None,
         budget_seconds: float = 30.0,
-        monotonic: Callable[[], float] = time.monotonic,
         tenant: Tenant | None = None,
-        reads: QuotaGate | None = None,
         verify_seconds: float = 30.0,
+        monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._tenant = tenant or Tenant(HOME, HOME, home=True)
         self._defender = defender
-        self._reads = reads  # the get quota, for verify
         self._verify_seconds = verify_seconds
         self._sleep = sleep
         self._audit = audit
-        self._gate = gate
         self._answers = answers
         self._budget = budget_seconds
         self._monotonic = monotonic
@@ -144,15 +119,17 @@ class CancelService:
         except AppError as exc:
             if not exc.recorded:  # refused before anything was sent
                 level = logging.WARNING if exc.status >= 500 else logging.INFO  # fail-closed and token: warnings
-                self._log(self._fields(command, started, "refused", error_code=exc.code, event="refusal"), level)
+                refusal = self._fields(command, started, Outcome.REFUSED, error_code=exc.code, event="refusal")
+                self._log(refusal, level)
                 exc.recorded = True  # the faces do not record it again
             raise
         if result.replayed:
-            self._log(self._fields(command, started, "replayed", status=result.status, event="replay"))
+            self._log(self._fields(command, started, Outcome.REPLAYED, upstream_status=result.status, event="replay"))
         if command.verify and result.status in VERIFIED_ANSWERS:
             verified = self.verify(command.action_id, result)
-            self._log(self._fields(command, started, str(verified.verified_status), status=result.status,
-                                   event="verify"))  # fmt: skip
+            read = str(verified.verified_status)
+            fields: dict[str, Any] = {"upstream_status": result.status, "event": "verify", "verified_status": read}
+            self._log(self._fields(command, started, Outcome.VERIFIED, **fields))
             return verified
         return result
 
@@ -166,7 +143,7 @@ class CancelService:
         while True:
             try:
                 reply = self._defender.get_action(
-                    action_id, self._reads, max(0.0, deadline - self._monotonic()), share=VERIFY_READ_SHARE
+                    action_id, max_wait=max(0.0, deadline - self._monotonic()), share=VERIFY_READ_SHARE
                 )
             except AppError as exc:  # no slot in time, or no answer: unverified
                 body = error_body(exc.code, exc.message)
@@ -224,7 +201,7 @@ class CancelService:
         of the wrong shape) hands the key back, still to be read first, and raises; a refusal that
         will not change (no Machine.Read.All: 403) settles the key as outcome unknown."""
         try:
-            reply = self._defender.get_action(held.action_id, self._reads, max_wait)
+            reply = self._defender.get_action(held.action_id, max_wait=max_wait)
         except AppError:  # no slot, no token, no answer, a body of the wrong shape: nothing known yet
             answers.abandon(held)
             raise
@@ -233,21 +210,17 @@ class CancelService:
             if body.get("cancellationDateTimeUtc") or body.get("status") == "Cancelled":
                 return CancelResult(200, body, replayed=True)
             return None  # no cancel took effect: sending cannot cancel twice (a final action gets 400)
-        if reply.status in defender.REFUSED_BEFORE_ACTING or reply.status >= 500:
+        if reply.status in REFUSED_BEFORE_ACTING or reply.status >= 500:
             answers.abandon(held)
             if reply.status == 429:
-                wait = reply.retry_after or defender.DEFAULT_RETRY_AFTER_SECONDS
+                wait = reply.retry_after or DEFAULT_RETRY_AFTER_SECONDS
                 raise QuotaExceeded("Defender throttled the read of a taken-over key", wait_seconds=wait)
             raise UpstreamUnavailable(f"Defender answered {reply.status} to the read of a taken-over key")
         unknown = outcome_unknown()
         return CancelResult(unknown.status, unknown.body, replayed=True)
 
     def _scoped(self, key: str | None) -> str | None:
-        """Idempotency keys are scoped by tenant: one caller's key in two tenants is two cancels.
-        The home tenant's keys keep their old form, so an upgrade replays what it stored."""
-        if key is None or self._tenant.home:
-            return key
-        return f"tenant|{self._tenant.id}|{key}"
+        return None if key is None else in_tenant(key, self._tenant.id, self._tenant.home)
 
     def _call(self, command: CancelCommand, max_wait: float, fence: float | None) -> CancelResult:
         started = self._monotonic()
@@ -260,47 +233,34 @@ class CancelService:
             attempts += 1
 
         try:
-            reply = self._defender.cancel(command.action_id, command.comment, self._gate, max_wait, on_send)
+            reply = self._defender.cancel(command.action_id, command.comment, max_wait=max_wait, on_send=on_send)
         except AppError as exc:
             if attempts:  # something was (or may have been) sent upstream: that is worth a record
-                self._record(self._fields(command, started, outcome=type(exc).__name__, attempts=attempts,
-                                          error_code=exc.code))  # fmt: skip
+                self._record(self._fields(command, started, Outcome.FAILED, attempts=attempts, error_code=exc.code))
                 exc.recorded = True
             raise
-        self._record(self._fields(command, started, outcome=_outcome(reply.status), status=reply.status,
-                                  attempts=reply.attempts, request_id=reply.request_id, waited_ms=reply.waited_ms,
-                                  upstream_ms=reply.upstream_ms))  # fmt: skip
+        sent: dict[str, Any] = {
+            "upstream_status": reply.status,
+            "attempts": reply.attempts,
+            "request_id": reply.request_id,
+            "waited_ms": reply.waited_ms,
+            "upstream_ms": reply.upstream_ms,
+        }
+        self._record(self._fields(command, started, of_answer(reply.status), **sent))
         return CancelResult(reply.status, reply.body, reply.retry_after, reply.request_id, reply.attempts)
 
-    def _fields(
-        self,
-        command: CancelCommand,
-        started: float,
-        outcome: str,
-        status: int | None = None,
-        attempts: int = 0,
-        request_id: str | None = None,
-        waited_ms: float = 0.0,
-        upstream_ms: float = 0.0,
-        error_code: str = "",
-        event: str = "cancel",
-    ) -> AuditRecord:
+    def _fields(self, command: CancelCommand, started: float, outcome: Outcome, **fields: Any) -> AuditRecord:
+        """The record of this request: who, what, how long, and `fields` (AuditRecord's own names)."""
         return AuditRecord(
             action_id=command.action_id,
             source=command.source,
             comment=command.comment,
             correlation_id=command.correlation_id,
-            upstream_status=status,
             outcome=outcome,
             duration_ms=(self._monotonic() - started) * 1000,
-            attempts=attempts,
-            request_id=request_id,
             tenant_id=self._tenant.id,
             caller=command.caller,
-            waited_ms=waited_ms,
-            upstream_ms=upstream_ms,
-            error_code=error_code,
-            event=event,
+            **fields,
         )
 
     def _record(self, record: AuditRecord) -> None:
@@ -312,13 +272,3 @@ class CancelService:
     def _log(record: AuditRecord, level: int = logging.INFO) -> None:
         """A request that sent nothing new (refused, replayed) or a read back: a log record only."""
         logs.record(record.fields(), level)
-
-
-def _outcome(status: int) -> str:
-    if 200 <= status < 300:
-        return "cancelled"
-    if status == 429:
-        return "throttled"
-    if status >= 500:
-        return "upstream_error"
-    return "rejected_by_upstream"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from shared.ratelimit import Conflict, Snapshot
+from shared.ratelimit.rule import Conflict, Snapshot
 
 
 class MemorySlidingLog:

@@ -1,22 +1,19 @@
 """Idempotency records in Table Storage: at most one Defender call per key, answers replayed for 24 h.
 
 `claim` inserts the record if absent (create_entity), so of two instances racing on one key only
-one wins; the other sees it in flight (409 / a deferral) or, once done, replays the stored answer.
-The winner holds a `Claim` (the record's ETag): `complete` and `release` are conditional on it, so
-a holder that was overtaken can never overwrite or delete the new holder's record.
+one wins; the loser reads the record and does what `decide` (shared.idempotency.record) says: replay
+the stored answer, answer "in progress" (409 / a deferral), or take the key over with a conditional
+replace. The winner holds a `Claim` (the record's ETag): `complete`, `release` and `abandon` are
+conditional on it, so a holder that was overtaken can never overwrite or delete the new holder's
+record.
 
 A claim whose holder died (its lease ran out) may have sent its cancel before dying: the next
 request takes the key over as an *abandoned* claim, and the service reads Defender's record of the
-action before anything else (shared.service): the dead holder's cancel took effect, it never
-sent, or (no read) the key settles as "outcome unknown" and is never sent again. An answer older
-than 24 h frees its key for any new request.
+action before anything else (shared.cancel.service). An answer older than 24 h frees its key.
 
-The lease is judged on the store's clock alone: a claim's age is the response's `Date` less the
-record's `Timestamp`, both stamped by the store (Date is truncated to the second, which only makes
-a claim look younger). The holder counts its lease from before it wrote the claim. So a slow write
-or any clock skew between instances can only shorten a holder's time, never let a taker in while the
-holder may still send: the holder starts its send within lease minus budget of starting the claim,
-which is before the store stamped it.
+The lease is judged on the store's clock alone (`store_age`), and the holder counts its lease from
+before it wrote the claim. So a slow write or any clock skew between instances can only shorten a
+holder's time, never let a taker in while the holder may still send.
 """
 
 from __future__ import annotations
@@ -34,9 +31,10 @@ from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
-from shared.errors import KeyReused, RequestInProgress, StateStoreUnavailable, error_body
-from shared.service import UNKNOWN_STATUS, Claim, StoredAnswer
-from shared.storage import recreating_table
+from shared.errors import KeyReused, RequestInProgress, error_body
+from shared.idempotency.record import UNKNOWN_STATUS, Claim, Decision, IdempotencyRecord, State, StoredAnswer, decide
+from shared.storage.clients import recreating_table
+from shared.storage.errors import translated
 
 if TYPE_CHECKING:
     from azure.data.tables import TableClient
@@ -49,11 +47,7 @@ CHUNK_BYTES = 64 * 1024  # an Edm.Binary property holds 64 KiB
 MAX_CHUNKS = 15  # an entity holds 1 MiB; Defender's answers are capped at 1 MiB before compression
 COMPLETE_TRIES = 3
 COMPLETE_BACKOFF = 0.2
-
-
-# Record states: a holder is sending (in_flight); a taken-over key still to be read back before
-# anything is sent (abandoned); Defender's answer is kept (done).
-IN_FLIGHT, ABANDONED, DONE = "in_flight", "abandoned", "done"
+WHAT = "the idempotency records"
 
 
 def store_age(entity: Mapping[str, Any], date: str | None) -> float | None:
@@ -68,14 +62,11 @@ def store_age(entity: Mapping[str, Any], date: str | None) -> float | None:
         return None
 
 
-def _unavailable(exc: AzureError) -> StateStoreUnavailable:
-    return StateStoreUnavailable(f"The idempotency records cannot be reached: {type(exc).__name__}", retry_after=5)
-
-
 class IdempotencyStore:
     def __init__(
         self,
         table: TableClient,
+        *,
         lease_seconds: float = 360.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
@@ -98,64 +89,87 @@ class IdempotencyStore:
     def claim(self, key: str, action_id: str) -> StoredAnswer | Claim:
         """A Claim: the caller now owns the key and must call Defender, then complete or release it.
         A StoredAnswer: replay it. Raises RequestInProgress, InvalidRequest, StateStoreUnavailable."""
-        record = self._in_flight(key, action_id)
+        entity = self._in_flight(key, action_id)
         try:
-            meta = recreating_table(self._table, lambda: self._table.create_entity(record))
+            with translated(WHAT):
+                meta = recreating_table(self._table, lambda: self._table.create_entity(entity))
             return Claim(key, action_id, str(meta["etag"]))
         except ResourceExistsError:
-            pass
-        except AzureError as exc:
-            raise _unavailable(exc) from None
-        return self._existing(key, action_id)
+            return self._existing(key, action_id)
 
-    def _in_flight(self, key: str, action_id: str) -> dict[str, Any]:
-        return {"PartitionKey": self.partition(key), "RowKey": ROW_KEY, "ActionId": action_id,
-                "State": IN_FLIGHT, "ClaimedAt": self._clock()}  # fmt: skip
+    def _in_flight(self, key: str, action_id: str, state: State = State.IN_FLIGHT) -> dict[str, Any]:
+        return {
+            "PartitionKey": self.partition(key),
+            "RowKey": ROW_KEY,
+            "ActionId": action_id,
+            "State": str(state),
+            "ClaimedAt": self._clock(),
+        }
 
     def _existing(self, key: str, action_id: str) -> StoredAnswer | Claim:
         date: dict[str, str] = {}
         try:
-            entity = self._table.get_entity(
-                self.partition(key), ROW_KEY, raw_response_hook=lambda r: date.update(d=r.http_response.headers["Date"])
-            )
+            with translated(WHAT):
+                entity = self._table.get_entity(
+                    self.partition(key),
+                    ROW_KEY,
+                    raw_response_hook=lambda r: date.update(d=r.http_response.headers["Date"]),
+                )
         except ResourceNotFoundError:  # released between our insert and read: race for it again
             return self.claim(key, action_id)
-        except AzureError as exc:
-            raise _unavailable(exc) from None
-        state = entity.get("State")
-        answered = state == DONE and self._clock() - float(entity.get("CompletedAt", 0)) < TTL_SECONDS
-        held = state in (IN_FLIGHT, ABANDONED)
-        if (answered or held) and entity.get("ActionId") != action_id:
+        record = self._record(entity, date.get("d"))
+        decision = decide(record, action_id, self._clock(), self.lease_seconds, TTL_SECONDS)
+        if decision is Decision.REUSED:
             raise KeyReused("This idempotency key was already used for another machine action")
-        if answered:
-            return StoredAnswer(int(entity["Status"]), unpack_body(entity))
-        if state == IN_FLIGHT:
-            age = self._age(entity, date.get("d"))
-            if age is None or age < self.lease_seconds:  # no store time: never judged dead on ours
-                raise RequestInProgress("A request with this idempotency key is still in progress", retry_after=5)
-        etag = str(entity.metadata["etag"])
+        if decision is Decision.REPLAY:
+            return StoredAnswer(record.status, record.body)
+        if decision is Decision.IN_PROGRESS:
+            raise RequestInProgress("A request with this idempotency key is still in progress", retry_after=5)
         # A holder that died (maybe after sending), or a key handed back unread: read what it did first.
-        return Claim(key, action_id, self._replace(self._in_flight(key, action_id), etag), abandoned=held)
+        etag = self._replace(self._in_flight(key, action_id), str(entity.metadata["etag"]))
+        return Claim(key, action_id, etag, abandoned=decision is Decision.TAKE_OVER)
+
+    def _record(self, entity: Mapping[str, Any], date: str | None) -> IdempotencyRecord:
+        """The entity as the decision sees it (a done record's answer unpacked, its age on the store's clock)."""
+        try:
+            state: State | None = State(str(entity.get("State")))
+        except ValueError:
+            state = None
+        done = state is State.DONE
+        return IdempotencyRecord(
+            state=state,
+            action_id=str(entity.get("ActionId")),
+            age=self._age(entity, date),
+            completed_at=float(entity.get("CompletedAt", 0)),
+            status=int(entity["Status"]) if done else 0,
+            body=unpack_body(entity) if done else None,
+        )
 
     def _replace(self, entity: dict[str, Any], etag: str) -> str:
         """Replace the record if it is still at `etag`; its new ETag. Someone else first: 409."""
         try:
-            meta = self._table.update_entity(
-                entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
-            )
+            with translated(WHAT):
+                meta = self._table.update_entity(
+                    entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
+                )
             return str(meta["etag"])
         except (ResourceModifiedError, ResourceNotFoundError):
             raise RequestInProgress("A request with this idempotency key is in progress", retry_after=5) from None
-        except AzureError as exc:
-            raise _unavailable(exc) from None
 
     def _done(self, key: str, action_id: str, status: int, body: Any) -> dict[str, Any]:
         packed = pack_body(body)
         if packed is None:  # replay an honest error, never Defender's status with a stand-in body
             note = error_body("AnswerNotStored", f"Defender answered {status}; its answer was too large to keep")
             status, packed = UNKNOWN_STATUS, pack_body(note) or {}
-        return {"PartitionKey": self.partition(key), "RowKey": ROW_KEY, "ActionId": action_id, "State": DONE,
-                "Status": status, "CompletedAt": self._clock(), **packed}  # fmt: skip
+        return {
+            "PartitionKey": self.partition(key),
+            "RowKey": ROW_KEY,
+            "ActionId": action_id,
+            "State": str(State.DONE),
+            "Status": status,
+            "CompletedAt": self._clock(),
+            **packed,
+        }
 
     def complete(self, claim: Claim, status: int, body: Any) -> None:
         """Store Defender's answer for the claimed key, if the claim still holds; retried a few times.
@@ -201,7 +215,7 @@ class IdempotencyStore:
         """Hand a taken-over key back unread (no read of Defender could be made now), if the claim
         still holds: the next request takes it over at once and reads first. If this fails too, the
         claim lapses after its lease, to the same effect."""
-        entity = {**self._in_flight(claim.key, claim.action_id), "State": ABANDONED}
+        entity = self._in_flight(claim.key, claim.action_id, State.ABANDONED)
         try:
             self._table.update_entity(
                 entity, mode=UpdateMode.REPLACE, etag=claim.etag, match_condition=MatchConditions.IfNotModified
@@ -222,7 +236,7 @@ def pack_body(body: Any) -> dict[str, bytes | int] | None:
     return {"Body": chunks[0], **{f"Body{i}": chunk for i, chunk in enumerate(chunks[1:], 1)}, "BodyZ": len(chunks)}
 
 
-def unpack_body(entity: dict[str, Any]) -> Any:
+def unpack_body(entity: Mapping[str, Any]) -> Any:
     count = entity.get("BodyZ")
     if count is None:  # a record written before answers were compressed
         return json.loads(bytes(entity["Body"]))

@@ -1,6 +1,6 @@
 """The shared rate limiter: an exact sliding log of send times, in any storage.
 
-The rule (pure functions, no I/O): a call may be sent at time t when, for every window of `limit`
+The rule (shared.ratelimit.rule, pure): a call may be sent at time t when, for every window of `limit`
 calls per `ms`, the `limit`-th most recent logged call is at least `ms` before t. Calls are logged
 at the time they will be *sent*, which may lie in the future: a caller that may wait reserves the
 next free slot, writes it, and sleeps until it. So waiting callers queue up in the log instead of
@@ -38,21 +38,31 @@ tests/test_simulation.py:
 
 from __future__ import annotations
 
-import bisect
 import logging
-import math
 import random
 import secrets
 import statistics
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from shared.errors import QuotaExceeded, StateStoreUnavailable
-from shared.settings import RateWindow
+from shared.ratelimit.rule import (
+    Conflict,
+    Snapshot,
+    Window,
+    WindowSetting,
+    WindowStats,
+    earliest_slot,
+    merge,
+    record,
+    shared_windows,
+    window_stats,
+    windows_with_margin,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,90 +81,7 @@ STALE_VERDICT_MS = 250  # a "full" verdict from a cache older than this is re-ch
 RETRY_AFTER_SLOW_STORE = 5
 
 
-# --- the rule ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Window:
-    """At most `limit` sends in any `ms` milliseconds (the margin already added)."""
-
-    limit: int
-    ms: int
-
-
-def windows_with_margin(windows: Sequence[RateWindow], margin_ms: int) -> tuple[Window, ...]:
-    return tuple(Window(w.limit, round(w.seconds * 1000) + margin_ms) for w in windows)
-
-
-def shared_windows(windows: Sequence[Window], share: float) -> tuple[Window, ...]:
-    """The windows as a class with `share` of each limit sees them (invariant 6): the same length,
-    floor(share * limit) sends (at least one)."""
-    if share >= 1.0:
-        return tuple(windows)
-    return tuple(Window(max(1, math.floor(w.limit * share)), w.ms) for w in windows)
-
-
-def earliest_slot(log: Sequence[int], windows: Sequence[Window], not_before: int, blocked_until: int = 0) -> int:
-    """The earliest time >= `not_before` (and >= every logged time) at which one more send fits.
-
-    `log` is sorted. Because a new send is never placed before an existing one, only windows that
-    end at the new send matter: its `limit`-th predecessor must be at least `ms` earlier.
-    """
-    slot = max(not_before, blocked_until, log[-1] if log else not_before)
-    for window in windows:
-        if len(log) >= window.limit:
-            slot = max(slot, log[-window.limit] + window.ms)
-    return slot
-
-
-def record(log: Sequence[int], send_at: int, horizon_ms: int) -> list[int]:
-    """The log with `send_at` added and entries that no window can see any more dropped."""
-    kept = list(log[bisect.bisect_right(log, send_at - horizon_ms) :])
-    bisect.insort(kept, send_at)
-    return kept
-
-
-@dataclass(frozen=True)
-class WindowStats:
-    limit: int
-    seconds: float
-    used: int  # sends logged in the window ending now, reservations included
-    next_free_ms: int  # epoch ms when one more send fits in this window
-
-
-def window_stats(
-    log: Sequence[int], windows: Sequence[Window], seconds: Sequence[float], now: int, blocked_until: int = 0
-) -> list[WindowStats]:
-    """Each window's use at `now`; its next free slot counts reservations and a Retry-After hold."""
-    stats = []
-    for window, secs in zip(windows, seconds, strict=True):
-        used = len(log) - bisect.bisect_right(log, now - window.ms)
-        stats.append(WindowStats(window.limit, secs, used, earliest_slot(log, [window], now, blocked_until)))
-    return stats
-
-
-def merge(stored: Sequence[int], known: Sequence[int], since: int) -> tuple[int, ...]:
-    """`stored` with every entry of `known` after `since` that it lacks (as a multiset: two sends
-    logged in the same millisecond stay two)."""
-    recent = [t for t in known if t > since]
-    missing = Counter(recent) - Counter(stored)
-    if not missing:
-        return tuple(stored)
-    return tuple(sorted([*stored, *missing.elements()]))
-
-
-# --- storage interface ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Snapshot:
-    log: tuple[int, ...]
-    blocked_until: int
-    etag: str | None  # None: the record does not exist yet
-    horizon_ms: int = 0  # the longest window (margin included) any writer declared: prune only past it
-    writers: str = ""  # nonces of the latest admissions, comma-separated (invariant 5 recognises its own)
-
-
-class Conflict(Exception):
-    """The record changed since it was read (HTTP 412), or was created by someone else."""
-
-
+# --- the store ---------------------------------------------------------------------------------------
 class SlidingLogStore(Protocol):
     def read(self) -> Snapshot:
         """The current record; raises StateStoreUnavailable."""
@@ -187,8 +114,9 @@ class RateLimiter:
     def __init__(
         self,
         store: SlidingLogStore,
-        windows: Sequence[RateWindow],
+        windows: Sequence[WindowSetting],
         margin_ms: int,
+        *,
         clock: Callable[[], int] = _now_ms,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:

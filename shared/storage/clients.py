@@ -7,8 +7,8 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from shared.errors import StateStoreUnavailable
-from shared.settings import StorageConnection
+from shared.config.settings import StorageConnection
+from shared.storage.errors import translated
 
 if TYPE_CHECKING:
     from azure.data.tables import TableClient
@@ -25,7 +25,7 @@ def table_client(conn: StorageConnection, table_name: str) -> TableClient:
     from azure.data.tables import TableClient
 
     client: TableClient = _open(TableClient, conn, conn.table_service_uri, table_name)
-    _create(lambda: client.create_table(), "state store")
+    _create(lambda: client.create_table(), "the state store")
     return client
 
 
@@ -37,10 +37,14 @@ def queue_client(conn: StorageConnection, queue_name: str) -> QueueClient:
     from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
     client: QueueClient = _open(
-        QueueClient, conn, conn.queue_service_uri, queue_name,
-        message_encode_policy=TextBase64EncodePolicy(), message_decode_policy=TextBase64DecodePolicy(),
-    )  # fmt: skip
-    _create(lambda: client.create_queue(), "queue service")
+        QueueClient,
+        conn,
+        conn.queue_service_uri,
+        queue_name,
+        message_encode_policy=TextBase64EncodePolicy(),
+        message_decode_policy=TextBase64DecodePolicy(),
+    )
+    _create(lambda: client.create_queue(), "the queue service")
     return client
 
 
@@ -63,14 +67,10 @@ def storage_credential(client_id: str | None) -> Any:
 
 
 def _create(create: Callable[[], Any], what: str) -> None:
-    from azure.core.exceptions import AzureError, ResourceExistsError
+    from azure.core.exceptions import ResourceExistsError
 
-    try:
+    with contextlib.suppress(ResourceExistsError), translated(what):
         create()
-    except ResourceExistsError:
-        pass
-    except AzureError as exc:
-        raise StateStoreUnavailable(f"The {what} cannot be reached: {type(exc).__name__}", retry_after=5) from None
 
 
 T = TypeVar("T")

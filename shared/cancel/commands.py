@@ -1,4 +1,5 @@
-"""Turning what a caller sent into a valid cancel command, or a 400 in the upstream's error shape."""
+"""Turning what a caller sent into a valid command (one cancel, or a bulk cancel of a machine), or a
+400 in the upstream's error shape, before anything is sent."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ import json
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from shared.errors import InvalidRequest
+from shared.formats import ACTION_TYPES, GUID, MACHINE_ID, MAX_COMMENT_CHARS, OPEN_STATUSES
+from shared.idempotency.keys import http_key
 
 MAX_BODY_BYTES = 64 * 1024
-MAX_COMMENT_CHARS = 4096  # openapi.json's maxLength; the audit record keeps it whole
-GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+BULK_FIELDS = frozenset({"Comment", "comment", "types", "dryRun", "verify"})
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as the IETF draft's examples
 
@@ -24,6 +26,7 @@ class CancelCommand:
     comment: str
     correlation_id: str
     source: str  # "http", "queue" or "bulk"
+    _: KW_ONLY
     idempotency_key: str | None = None
     verify: bool = False  # read the action back after Defender's answer (shared.service)
     caller: str = "queue"  # whose request, for the records: the HTTP caller's scope, or the queue
@@ -77,24 +80,6 @@ def parse_idempotency_key(raw: str | None) -> str | None:
     return raw
 
 
-# Idempotency keys are scoped, so one trigger's or caller's keys never meet another's: an HTTP key
-# by its caller, a queue message by (correlation id, action id) -- one ticket may name many
-# actions -- or, without a correlation id, by the queue message's own id.
-def http_key(caller_scope: str, key: str) -> str:
-    return f"http|{caller_scope}|{key}"
-
-
-def bulk_key(caller_scope: str, key: str, action_id: str) -> str:
-    """One action of a bulk cancel sent with an Idempotency-Key: a repeat replays it."""
-    return f"bulk|{caller_scope}|{key}|{action_id}"
-
-
-def queue_key(correlation: str | None, action_id: str, message_id: str | None) -> str | None:
-    if correlation:
-        return f"queue|correlation|{correlation}|{action_id}"
-    return f"queue|message|{message_id}" if message_id else None
-
-
 def parse_http_cancel(
     action_id: str, body: bytes, correlation: str, idempotency_key: str | None, caller_scope: str
 ) -> CancelCommand:
@@ -104,7 +89,10 @@ def parse_http_cancel(
     comment = parse_comment(payload)
     key = parse_idempotency_key(idempotency_key)
     scoped = http_key(caller_scope, key) if key else None
-    return CancelCommand(action, comment, correlation, "http", scoped, parse_flag(payload, "verify"), caller_scope)
+    verify = parse_flag(payload, "verify")
+    return CancelCommand(
+        action, comment, correlation, "http", idempotency_key=scoped, verify=verify, caller=caller_scope
+    )
 
 
 def parse_flag(payload: Mapping[str, Any], name: str) -> bool:
@@ -113,3 +101,46 @@ def parse_flag(payload: Mapping[str, Any], name: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidRequest(f"'{name}' must be true or false", code="InvalidRequestBody")
     return value
+
+
+@dataclass(frozen=True)
+class BulkRequest:
+    machine_id: str  # Defender's machine id: 40 hex digits, lower case
+    comment: str
+    _: KW_ONLY
+    types: tuple[str, ...] = ()
+    dry_run: bool = False
+    verify: bool = False
+
+    def odata_filter(self) -> str:
+        """The machine's actions that are not final, of the asked types."""
+        status = " or ".join(f"status eq '{s}'" for s in OPEN_STATUSES)
+        terms = [f"machineId eq '{self.machine_id}'", f"({status})"]
+        if self.types:
+            terms.append("(" + " or ".join(f"type eq '{t}'" for t in self.types) + ")")
+        return " and ".join(terms)
+
+
+def parse_machine_id(raw: object) -> str:
+    if not isinstance(raw, str) or not MACHINE_ID.fullmatch(raw):
+        raise InvalidRequest("The machine id must be Defender's machine id: 40 hexadecimal digits")
+    return raw.lower()
+
+
+def parse_bulk(
+    machine_id: object, payload: Mapping[str, Any], extra_fields: frozenset[str] = frozenset()
+) -> BulkRequest:
+    """Validate a bulk cancel before any call; unknown fields are refused, not ignored."""
+    unknown = sorted(set(payload) - BULK_FIELDS - extra_fields)
+    if unknown:
+        raise InvalidRequest(f"Unknown field(s): {', '.join(unknown)}", code="InvalidRequestBody")
+    types = payload.get("types", [])
+    if not isinstance(types, list) or not all(isinstance(t, str) and t in ACTION_TYPES for t in types):
+        raise InvalidRequest(f"'types' must be a list of {', '.join(sorted(ACTION_TYPES))}", code="InvalidRequestBody")
+    return BulkRequest(
+        parse_machine_id(machine_id),
+        parse_comment(payload),
+        types=tuple(dict.fromkeys(types)),
+        dry_run=parse_flag(payload, "dryRun"),
+        verify=parse_flag(payload, "verify"),
+    )

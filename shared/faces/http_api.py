@@ -8,26 +8,32 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
-from shared import bulk, logs
+from shared import logs
 from shared.app import get_app, get_settings
-from shared.callers import caller_scope, caller_tenant
-from shared.errors import AppError, SettingsError, error_body
-from shared.ratelimit import WindowStats
-from shared.settings import Settings
-from shared.tenants import Tenant
-from shared.validation import (
-    bulk_key,
+from shared.cancel import bulk
+from shared.cancel.commands import (
+    BulkRequest,
     correlation_id,
+    parse_bulk,
     parse_http_cancel,
     parse_idempotency_key,
     parse_json_object,
+    parse_machine_id,
 )
+from shared.cancel.service import CancelResult
+from shared.config.callers import caller_scope, caller_tenant
+from shared.config.settings import Settings
+from shared.config.tenants import Tenant
+from shared.errors import AppError, SettingsError, error_body
+from shared.formats import Api
+from shared.idempotency.keys import bulk_key
+from shared.ratelimit.rule import WindowStats
 
 logger = logging.getLogger(__name__)
 
@@ -50,20 +56,50 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def cancel(action_id: str, body: bytes, headers: Mapping[str, str], tenant_ref: str | None = None) -> Reply:
-    """POST /api/machineactions/{actionId}/cancel, or /api/tenants/{tenant}/machineactions/...."""
+@dataclass(frozen=True)
+class Scope:
+    """One HTTP request as every route sees it: its correlation id, the settings, the tenant this
+    caller may act in (403/404 before anything else otherwise), and whose keys and jobs are its own."""
+
+    correlation: str
+    settings: Settings
+    tenant: Tenant
+    caller: str
+    headers: Mapping[str, str]
+
+
+def serve(headers: Mapping[str, str], tenant_ref: str | None, route: Callable[[Scope], Reply]) -> Reply:
+    """Run `route` in the request's scope. Every reply carries `x-correlation-id`; an AppError is
+    answered in Defender's error shape (recorded once); any other exception is a 500 in that shape,
+    with the correlation id and one log record, never an exception for the host to answer."""
     correlation = correlation_id(headers.get(CORRELATION_HEADER))
-    reply_headers = {CORRELATION_HEADER: correlation}
+    base = {CORRELATION_HEADER: correlation}
     try:
-        _, tenant, scope = _caller(headers, tenant_ref)
-        command = parse_http_cancel(action_id, body, correlation, headers.get(IDEMPOTENCY_HEADER), scope)
-        app = get_app()
-        result = app.of(tenant).service.cancel(command, max_wait=app.settings.http_max_wait_seconds)
+        settings = get_settings()
+        tenant = caller_tenant(headers, settings.callers, settings.tenants, tenant_ref)
+        reply = route(Scope(correlation, settings, tenant, caller_scope(headers, settings.allowed_callers), headers))
     except AppError as exc:
-        return error_reply(exc, correlation, reply_headers)
+        return error_reply(exc, correlation, base)
     except Exception:
         logger.exception("unexpected failure, correlation %s", correlation)
-        return Reply(500, error_body("InternalServerError", "Unexpected error", correlation), reply_headers)
+        return Reply(500, error_body("InternalServerError", "Unexpected error", correlation), base)
+    return Reply(reply.status, reply.body, {**base, **reply.headers})
+
+
+def cancel(action_id: str, body: bytes, headers: Mapping[str, str], tenant_ref: str | None = None) -> Reply:
+    """POST /api/machineactions/{actionId}/cancel, or /api/tenants/{tenant}/machineactions/...."""
+
+    def route(scope: Scope) -> Reply:
+        key = headers.get(IDEMPOTENCY_HEADER)
+        command = parse_http_cancel(action_id, body, scope.correlation, key, scope.caller)
+        service = get_app().of(scope.tenant).service
+        return _cancel_reply(service.cancel(command, max_wait=scope.settings.http_max_wait_seconds))
+
+    return serve(headers, tenant_ref, route)
+
+
+def _cancel_reply(result: CancelResult) -> Reply:
+    reply_headers: dict[str, str] = {}
     if result.retry_after is not None and result.status in (429, 503):
         reply_headers["Retry-After"] = str(result.retry_after)
     if result.request_id:
@@ -82,46 +118,54 @@ def cancel_pending(
     then cancel each and sum up at once when that surely ends within INLINE_ANSWER_SECONDS; else
     continue as a durable job and answer 202 with its status route (the asynchronous request-reply
     pattern Logic Apps follows by itself)."""
-    correlation = correlation_id(headers.get(CORRELATION_HEADER))
-    reply_headers = {CORRELATION_HEADER: correlation}
     started = time.monotonic()
-    try:
-        settings, tenant, scope = _caller(headers, tenant_ref)
-        request = bulk.parse_bulk(machine_id, parse_json_object(body))
-        key = parse_idempotency_key(headers.get(IDEMPOTENCY_HEADER))
-        path = get_app().of(tenant)
-        # Reads end by the answer's deadline, cancels early enough for their reads to fit before it.
-        verify_until = started + INLINE_ANSWER_SECONDS - settings.timeout_seconds
-        cancel_until = verify_until - (settings.verify_seconds if request.verify else 0.0)
-        listing = bulk.list_pending(
-            path.service, path.quotas["list"], request, settings.http_max_wait_seconds, cancel_until
-        )
-        if listing.status != 200:
-            return Reply(listing.status, listing.body, reply_headers)
-        if request.dry_run:
-            return Reply(200, bulk.summary(request, listing.actions, None), reply_headers)
-        eta = path.limiter.seconds_for(len(listing.actions))
-        if time.monotonic() + eta + settings.timeout_seconds > cancel_until:  # not surely in time: a job
-            from shared import bulk_queue  # the job store, only when a job is made (a cold start skips it)
 
-            job_id = _job_id(scope, key, request)
-            job = bulk_queue.open_http(request, job_id, tenant, scope, listing)
-            accepted = {**_progress(job_id, job.action_ids, {}), "correlationId": correlation}
-            return Reply(202, accepted, {**reply_headers, **_poll_headers(url, job_id, eta)})
-    except AppError as exc:
-        return error_reply(exc, correlation, reply_headers)
+    def route(scope: Scope) -> Reply:
+        request = parse_bulk(machine_id, parse_json_object(body))
+        key = parse_idempotency_key(headers.get(IDEMPOTENCY_HEADER))
+        return _bulk(scope, request, key, started, url)
+
+    return serve(headers, tenant_ref, route)
+
+
+def _bulk(scope: Scope, request: BulkRequest, key: str | None, started: float, url: str) -> Reply:
+    settings, path = scope.settings, get_app().of(scope.tenant)
+    # Reads end by the answer's deadline, cancels early enough for their reads to fit before it.
+    verify_until = started + INLINE_ANSWER_SECONDS - settings.timeout_seconds
+    cancel_until = verify_until - (settings.verify_seconds if request.verify else 0.0)
+    listing = bulk.list_pending(path.defender, request, settings.http_max_wait_seconds, cancel_until)
+    if listing.status != 200:
+        return Reply(listing.status, listing.body)
+    if request.dry_run:
+        return Reply(200, bulk.summary(request, listing.actions, None))
+    eta = path.limiter.seconds_for(len(listing.actions))
+    if time.monotonic() + eta + settings.timeout_seconds > cancel_until:  # not surely in time: a job
+        from shared.faces import bulk_queue  # the job store, only when a job is made (a cold start skips it)
+
+        job_id = _job_id(scope.caller, key, request)
+        job = bulk_queue.open_http(request, job_id, scope.tenant, scope.caller, listing)
+        accepted = {**_progress(job_id, job.action_ids, {}), "correlationId": scope.correlation}
+        return Reply(202, accepted, _poll_headers(url, job_id, eta))
 
     def action_key(action_id: str) -> str | None:
-        return bulk_key(scope, key, action_id) if key else None
+        return bulk_key(scope.caller, key, action_id) if key else None
 
     def cancel(actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return bulk.cancel_each(path.service, actions, request, correlation, action_key, cancel_until, verify_until,
-                                scope)  # fmt: skip
+        return bulk.cancel_each(
+            path.service,
+            actions,
+            request,
+            scope.correlation,
+            action_key,
+            cancel_until,
+            verify_until,
+            caller=scope.caller,
+        )
 
     found, items = bulk.cancel_converging(
-        path.service, path.quotas["list"], request, listing, cancel, settings.http_max_wait_seconds, cancel_until
+        path.defender, request, listing, cancel, settings.http_max_wait_seconds, cancel_until
     )
-    return Reply(200, bulk.summary(request, found, items), reply_headers)
+    return Reply(200, bulk.summary(request, found, items))
 
 
 def pending_job(
@@ -130,28 +174,26 @@ def pending_job(
     """GET /api/machines/{machineId}/cancelPendingActions/{jobId} (or under /api/tenants/{tenant}/):
     202 with `Location` and `Retry-After` while the job runs, then 200 with its summary. Only the
     caller that started the job may read it; any other gets 404, as for a job that does not exist."""
-    from shared import bulk_queue
-    from shared.jobs import job_key
 
-    correlation = correlation_id(headers.get(CORRELATION_HEADER))
-    reply_headers = {CORRELATION_HEADER: correlation}
-    try:
-        _, tenant, scope = _caller(headers, tenant_ref)
-        machine = bulk.parse_machine_id(machine_id)
+    def route(scope: Scope) -> Reply:
+        from shared.faces import bulk_queue
+        from shared.storage.jobs import job_key
+
+        machine = parse_machine_id(machine_id)
         if not _JOB_ID.fullmatch(job_id):
             raise JobNotFound("No bulk job has this id")
-        state = bulk_queue.jobs().state(job_key(tenant.id, job_id, machine, ()))
+        state = bulk_queue.jobs().state(job_key(scope.tenant.id, job_id, machine, ()))
         job = state.job
-        if job is None or job.origin != "http" or job.caller != scope:
+        if job is None or job.origin != "http" or job.caller != scope.caller:
             raise JobNotFound("No bulk job has this id")
         if not state.concluded:
-            eta = get_app().of(tenant).limiter.seconds_for(len(job.action_ids) - len(state.outcomes))
+            eta = get_app().of(scope.tenant).limiter.seconds_for(len(job.action_ids) - len(state.outcomes))
             progress = _progress(job_id, job.action_ids, state.outcomes)
-            return Reply(202, progress, {**reply_headers, **_poll_headers(url, job_id, eta, here=True)})
-    except AppError as exc:
-        return error_reply(exc, correlation, reply_headers)
-    summary = bulk_queue.summary_of(job, state.outcomes)
-    return Reply(200, {"jobId": job_id, "dryRun": False, **summary, "notAttempted": 0}, reply_headers)
+            return Reply(202, progress, _poll_headers(url, job_id, eta, here=True))
+        summary = bulk_queue.summary_of(job, state.outcomes)
+        return Reply(200, {"jobId": job_id, "dryRun": False, **summary, "notAttempted": 0})
+
+    return serve(headers, tenant_ref, route)
 
 
 class JobNotFound(AppError):
@@ -159,7 +201,7 @@ class JobNotFound(AppError):
     code = "ResourceNotFound"
 
 
-def _job_id(scope: str, key: str | None, request: bulk.BulkRequest) -> str:
+def _job_id(scope: str, key: str | None, request: BulkRequest) -> str:
     """A new job per request; with an Idempotency-Key, the same job for a repeat of it."""
     if key is None:
         return uuid.uuid4().hex
@@ -185,19 +227,16 @@ def quota(request_headers: Mapping[str, str], tenant_ref: str | None = None) -> 
     """GET /api/quota (or /api/tenants/{tenant}/quota): for each Defender API's quota (cancel, list,
     get) and each of its windows, the calls used, the limit, and when the next slot frees. The
     cancel quota also stays at the top level, where callers found it before."""
-    correlation = correlation_id(request_headers.get(CORRELATION_HEADER))
-    headers = {CORRELATION_HEADER: correlation}
-    try:
-        settings = get_settings()
-        tenant = caller_tenant(request_headers, settings.callers, settings.tenants, tenant_ref)
-        path = get_app().of(tenant)
-        stats = {api: (path.quota_key(api), *limiter.stats()) for api, limiter in path.quotas.items()}
-    except AppError as exc:
-        return error_reply(exc, correlation, headers)
-    now = time.time()
-    quotas = {api: _quota_body(key, windows, blocked, now) for api, (key, windows, blocked) in stats.items()}
-    body = {"tenant": {"name": tenant.name, "id": tenant.id}, **quotas["cancel"], "quotas": quotas}
-    return Reply(200, body, headers)
+
+    def route(scope: Scope) -> Reply:
+        path = get_app().of(scope.tenant)
+        stats = {api: (path.keys[api], *limiter.stats()) for api, limiter in path.quotas.items()}
+        now = time.time()
+        quotas = {str(api): _quota_body(key, windows, blocked, now) for api, (key, windows, blocked) in stats.items()}
+        tenant = {"name": scope.tenant.name, "id": scope.tenant.id}
+        return Reply(200, {"tenant": tenant, **quotas[Api.CANCEL], "quotas": quotas})
+
+    return serve(request_headers, tenant_ref, route)
 
 
 def _quota_body(key: str, windows: Sequence[WindowStats], blocked_until: int, now: float) -> dict[str, Any]:
@@ -220,13 +259,6 @@ def _quota_body(key: str, windows: Sequence[WindowStats], blocked_until: int, no
 
 def _iso(epoch_ms: int) -> str:
     return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
-
-
-def _caller(headers: Mapping[str, str], tenant_ref: str | None) -> tuple[Settings, Tenant, str]:
-    """The settings, the tenant this caller may act in (404/403 otherwise) and the caller's scope."""
-    settings = get_settings()
-    tenant = caller_tenant(headers, settings.callers, settings.tenants, tenant_ref)
-    return settings, tenant, caller_scope(headers, settings.allowed_callers)
 
 
 def error_reply(exc: AppError, correlation: str, headers: dict[str, str]) -> Reply:

@@ -1,0 +1,2 @@
+"""Settings and what they name: clouds, tenants, callers. The bottom layer above errors: it imports
+nothing of the app but shared.errors and shared.formats."""

@@ -1,0 +1,2 @@
+"""At most one Defender call per idempotency key: the keys, the record and its pure decision, and the
+Table Storage records."""
