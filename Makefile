@@ -6,10 +6,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 
-.PHONY: test lint typecheck run bench mutants deps tools clean
+.PHONY: test test-fast lint typecheck run bench mutants deps tools clean
 
 test: deps tools lint typecheck
 	$(PY) -m pytest
+
+# The unit tier alone: pure code and the virtual-world simulation, no Azurite, no processes.
+test-fast: deps lint typecheck
+	$(PY) -m pytest tests/unit
 
 lint: deps
 	$(BIN)/ruff check .

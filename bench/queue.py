@@ -91,8 +91,8 @@ def main() -> None:
         outcomes = [json.loads(base64.b64decode(m.content)) for m in results.peek_messages(max_messages=32)]
         result_count = results.get_queue_properties().approximate_message_count
         # Slots the limiter logged: one per call, plus any given up (a write that came back late).
-        store = TableSlidingLog(table_client(StorageConnection(azurite.connection_string), "CancelRateLimit"),
-                                "Public-system")  # fmt: skip
+        connection = StorageConnection(connection_string=azurite.connection_string)
+        store = TableSlidingLog(table_client(connection, "CancelRateLimit"), "Public-system")
         logged = store.read().log
         slots_logged = len(logged)
     finally:

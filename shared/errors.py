@@ -38,7 +38,7 @@ class SettingsError(AppError):
 class InvalidRequest(AppError):
     status = 400
 
-    def __init__(self, message: str, code: str = "BadRequest") -> None:
+    def __init__(self, message: str, *, code: str = "BadRequest") -> None:
         super().__init__(message)
         self.code = code
 

@@ -5,7 +5,7 @@ and on to Application Insights as a trace. The SDKs' routine records (azure-core
 policy prints every Table request and response, azure-identity a line per token, MSAL, urllib3)
 are kept at WARNING unless LOG_LEVEL_SDK asks for more. The worker forwards a record's message but
 drops its `extra` (azure-functions-python-worker #1327, #1681), so each record's fields travel in
-the message itself, as JSON after a fixed prefix that KQL reads with parse_json (README, infra
+the message itself, as JSON after a fixed prefix that KQL reads with parse_json (docs/logs.md, infra
 queries); the same fields also go as `extra`, for handlers that keep them (OpenTelemetry). The
 fields are an AuditRecord's, the same columns as the audit table's rows (shared.storage.audit).
 """

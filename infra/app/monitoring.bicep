@@ -10,7 +10,7 @@ param alertEnabled bool = false
 param alertThreshold int = 0
 
 // The app's saved log queries and its alert, from one file the tests check against the records the
-// app writes (tests/test_logs.py): README shows the same queries.
+// app writes (tests/integration/test_logs.py): docs/logs.md shows the same queries.
 var logQueries = loadJsonContent('../log-queries.json')
 
 resource workspace 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {

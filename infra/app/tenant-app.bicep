@@ -3,7 +3,7 @@
 // Bicep extension (v1.0 types 1.0.0, Bicep >= 0.36.1; alias in infra/bicepconfig.json). Deploying
 // it needs Application.ReadWrite.All, e.g. the Application Developer or Application Administrator
 // role; without it, set manageTenantApp=false and run the one `az ad app federated-credential create`
-// command in the README instead.
+// command in docs/tenants.md instead.
 extension microsoftGraphV1
 
 @description('Unique name of the app registration (idempotent key of the Graph resource).')

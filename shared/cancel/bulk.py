@@ -27,7 +27,7 @@ MAX_LISTINGS = 4  # a first listing and up to three more, each after cancelling 
 READ_ROLES_HINT = "listing a machine's actions needs the app role Machine.Read.All (or Machine.ReadWrite.All)"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Listing:
     """The open actions, or Defender's refusal (status and body) when the list failed."""
 
@@ -55,7 +55,7 @@ def list_pending(defender: DefenderClient, request: BulkRequest, first_wait: flo
             return Listing(status=reply.status, body=_list_failure(reply.status, reply.body), pages=pages)
         actions += [a for a in reply.body["value"] if a["status"] in OPEN_STATUSES]  # shape checked by the client
         url = reply.body.get("@odata.nextLink")
-    return Listing(actions, pages=pages)
+    return Listing(actions=actions, pages=pages)
 
 
 def _list_failure(status: int, body: Any) -> Any:

@@ -28,7 +28,7 @@ class CancelCommand:
     source: str  # "http", "queue" or "bulk"
     _: KW_ONLY
     idempotency_key: str | None = None
-    verify: bool = False  # read the action back after Defender's answer (shared.service)
+    verify: bool = False  # read the action back after Defender's answer (shared.cancel.service)
     caller: str = "queue"  # whose request, for the records: the HTTP caller's scope, or the queue
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import KW_ONLY, dataclass, replace
 from typing import Any, Protocol
 
 from shared import logs
@@ -36,7 +36,7 @@ FIRST_POLL_SECONDS = 0.5
 MAX_POLL_SECONDS = 4.0
 # Verify reads may fill at most this part of every get window: the rest is kept for the read-back of
 # a taken-over key, which guards at-most-once and must never starve behind them (invariant 6 of
-# shared.ratelimit).
+# shared.ratelimit.limiter).
 VERIFY_READ_SHARE = 0.8
 
 
@@ -67,6 +67,7 @@ class CancelResult:
 
     status: int
     body: Any
+    _: KW_ONLY
     retry_after: int | None = None
     request_id: str | None = None
     attempts: int = 0
@@ -247,7 +248,13 @@ class CancelService:
             "upstream_ms": reply.upstream_ms,
         }
         self._record(self._fields(command, started, of_answer(reply.status), **sent))
-        return CancelResult(reply.status, reply.body, reply.retry_after, reply.request_id, reply.attempts)
+        return CancelResult(
+            reply.status,
+            reply.body,
+            retry_after=reply.retry_after,
+            request_id=reply.request_id,
+            attempts=reply.attempts,
+        )
 
     def _fields(self, command: CancelCommand, started: float, outcome: Outcome, **fields: Any) -> AuditRecord:
         """The record of this request: who, what, how long, and `fields` (AuditRecord's own names)."""

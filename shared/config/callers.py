@@ -28,12 +28,11 @@ class CallerForbidden(AppError):
     code = "Forbidden"
 
 
-class TenantForbidden(AppError):
-    status = 403
-    code = "Forbidden"
+class TenantForbidden(CallerForbidden):
+    """The caller may call, but not in this tenant (an ALLOWED_CALLERS limit)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CallerPolicy:
     """ALLOWED_CALLERS: who may call at all, and the tenants each limited caller may act in."""
 
@@ -79,7 +78,7 @@ def parse_callers(raw: str, tenants: TenantDirectory) -> CallerPolicy:
         if not ids:
             raise SettingsError(f"ALLOWED_CALLERS: {caller}= must name at least one tenant (name|name)")
         limits[caller] = limits.get(caller, frozenset()) | ids
-    return CallerPolicy(frozenset(allowed), limits)
+    return CallerPolicy(allowed=frozenset(allowed), limits=limits)
 
 
 def caller_ids(headers: Mapping[str, str]) -> set[str]:

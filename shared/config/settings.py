@@ -66,7 +66,7 @@ class RateWindow:
     seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StorageConnection:
     """Where the state tables live: a connection string, or an endpoint reached by identity."""
 
@@ -76,7 +76,7 @@ class StorageConnection:
     client_id: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     cloud: str
     api_base_url: str

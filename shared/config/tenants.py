@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 from shared.errors import AppError, SettingsError
 from shared.formats import GUID
@@ -32,6 +32,7 @@ class TenantNotFound(AppError):
 class Tenant:
     name: str
     id: str  # the directory id (lower case); the home tenant's is HOME_TENANT_ID, or "home" unset
+    _: KW_ONLY
     home: bool = False
 
 
@@ -40,6 +41,7 @@ class TenantDirectory:
     """The configured tenants, found by name or id."""
 
     home: Tenant
+    _: KW_ONLY
     customers: tuple[Tenant, ...] = ()
     _index: Mapping[str, Tenant] = field(default_factory=dict, repr=False, compare=False)
 
@@ -52,7 +54,7 @@ class TenantDirectory:
                 if ref in index:
                     raise SettingsError(f"TENANTS: {ref!r} names two tenants (the home tenant is {HOME!r})")
                 index[ref] = tenant
-        return cls(home, customers, index)
+        return cls(home, customers=customers, _index=index)
 
     @property
     def all(self) -> tuple[Tenant, ...]:

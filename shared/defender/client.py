@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import KW_ONLY, dataclass, replace
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
@@ -43,6 +43,7 @@ class UpstreamReply:
     retry_after: int | None
     request_id: str | None
     attempts: int
+    _: KW_ONLY
     waited_ms: float = 0.0  # for slots of the quota, over every attempt
     upstream_ms: float = 0.0  # from the first send to the answer
 

@@ -35,7 +35,7 @@ class Stop(StrEnum):
     DEADLINE = "deadline"  # the back-off would outlast the time budget
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Verdict:
     """Try again after `wait` seconds, or stop (`stop` says why)."""
 
@@ -57,14 +57,14 @@ class RetryPolicy:
         """After attempt number `attempt` answered `status` (None: no connection was made, nothing
         was sent), with `time_left` seconds of the budget left: again after how long, or stop."""
         if status == 429:
-            return Verdict(Stop.THROTTLED)
+            return Verdict(stop=Stop.THROTTLED)
         if status is not None and status not in self.refused_statuses:
-            return Verdict(Stop.ANSWERED)
+            return Verdict(stop=Stop.ANSWERED)
         if attempt >= self.max_attempts:
-            return Verdict(Stop.ATTEMPTS)
+            return Verdict(stop=Stop.ATTEMPTS)
         wait = self.backoff(attempt, retry_after)
         if wait >= time_left:
-            return Verdict(Stop.DEADLINE)
+            return Verdict(stop=Stop.DEADLINE)
         return Verdict(wait=wait)
 
     def backoff(self, attempt: int, retry_after: int | None = None) -> float:

@@ -2,7 +2,7 @@
 HTTP form when a batch is too large to answer inside a caller's limit.
 
 A job message `{"machineId", "comment", "types"?, "verify"?, "dryRun"?, "correlationId"?,
-"tenantId"?}` lists the machine's open actions once (the list quota), stores them (shared.jobs),
+"tenantId"?}` lists the machine's open actions once (the list quota), stores them (shared.storage.jobs),
 and sends one child message per action. Each child is an ordinary queue cancel (limiter,
 idempotency keyed by job and action, audit) that records its outcome instead of sending a result.
 The child that completes the job lists once more (a continuation of the job message,

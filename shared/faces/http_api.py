@@ -9,7 +9,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -53,6 +53,7 @@ _JOB_ID = re.compile(r"[0-9a-f]{32}")
 class Reply:
     status: int
     body: Any
+    _: KW_ONLY
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -82,8 +83,8 @@ def serve(headers: Mapping[str, str], tenant_ref: str | None, route: Callable[[S
         return error_reply(exc, correlation, base)
     except Exception:
         logger.exception("unexpected failure, correlation %s", correlation)
-        return Reply(500, error_body("InternalServerError", "Unexpected error", correlation), base)
-    return Reply(reply.status, reply.body, {**base, **reply.headers})
+        return Reply(500, error_body("InternalServerError", "Unexpected error", correlation), headers=base)
+    return Reply(reply.status, reply.body, headers={**base, **reply.headers})
 
 
 def cancel(action_id: str, body: bytes, headers: Mapping[str, str], tenant_ref: str | None = None) -> Reply:
@@ -108,7 +109,7 @@ def _cancel_reply(result: CancelResult) -> Reply:
         reply_headers[REPLAYED_HEADER] = "true"
     if result.verified_status is not None:
         reply_headers[VERIFIED_HEADER] = result.verified_status
-    return Reply(result.status, result.body, reply_headers)
+    return Reply(result.status, result.body, headers=reply_headers)
 
 
 def cancel_pending(
@@ -145,7 +146,7 @@ def _bulk(scope: Scope, request: BulkRequest, key: str | None, started: float, u
         job_id = _job_id(scope.caller, key, request)
         job = bulk_queue.open_http(request, job_id, scope.tenant, scope.caller, listing)
         accepted = {**_progress(job_id, job.action_ids, {}), "correlationId": scope.correlation}
-        return Reply(202, accepted, _poll_headers(url, job_id, eta))
+        return Reply(202, accepted, headers=_poll_headers(url, job_id, eta))
 
     def action_key(action_id: str) -> str | None:
         return bulk_key(scope.caller, key, action_id) if key else None
@@ -189,7 +190,7 @@ def pending_job(
         if not state.concluded:
             eta = get_app().of(scope.tenant).limiter.seconds_for(len(job.action_ids) - len(state.outcomes))
             progress = _progress(job_id, job.action_ids, state.outcomes)
-            return Reply(202, progress, _poll_headers(url, job_id, eta, here=True))
+            return Reply(202, progress, headers=_poll_headers(url, job_id, eta, here=True))
         summary = bulk_queue.summary_of(job, state.outcomes)
         return Reply(200, {"jobId": job_id, "dryRun": False, **summary, "notAttempted": 0})
 
@@ -266,4 +267,4 @@ def error_reply(exc: AppError, correlation: str, headers: dict[str, str]) -> Rep
         logs.refused(exc, correlation)
     if exc.retry_after is not None:
         headers = {**headers, "Retry-After": str(exc.retry_after)}
-    return Reply(exc.status, error_body(exc.code, exc.message, correlation), headers)
+    return Reply(exc.status, error_body(exc.code, exc.message, correlation), headers=headers)

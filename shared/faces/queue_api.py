@@ -77,7 +77,7 @@ def handle(body: bytes, dequeue_count: int, message_id: str | None = None) -> Me
         return rejected(body, exc, dequeue_count)
     if message.bulk_job and not _own_job(message, tenant.id):
         refused = InvalidRequest(
-            "bulkJob names no stored job of this tenant that lists this action", "InvalidRequestBody"
+            "bulkJob names no stored job of this tenant that lists this action", code="InvalidRequestBody"
         )
         return rejected(body, refused, dequeue_count)
     result = cancel(message, tenant, dequeue_count, body)

@@ -13,7 +13,7 @@ judged dead on our clock).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
@@ -78,6 +78,7 @@ class Claim:
     key: str
     action_id: str
     etag: str
+    _: KW_ONLY
     abandoned: bool = False  # taken over from a holder that died: what it did must be read first
 
 

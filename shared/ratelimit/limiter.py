@@ -11,7 +11,7 @@ tests) with optimistic concurrency: a write with a stale ETag fails, and the cal
 tries again with jitter.
 
 Invariants (margin M = RATE_LIMIT_SAFETY_MS, slip S = M/4); each is enforced here and checked by
-tests/test_simulation.py:
+tests/unit/test_simulation.py:
 
 1. A send leaves at most S after its logged slot, or not at all: the caller asks `on_time(permit)`
    right before sending and gives the slot up when it is late. It leaves before its slot only where
@@ -272,7 +272,9 @@ class RateLimiter:
             self._clock() + self._margin // 2, snap.log[-1] if snap.log else 0, known.log[-1] if known.log else 0
         )
         log = merge(snap.log, known.log, newest - horizon)
-        merged = Snapshot(log, max(snap.blocked_until, known.blocked_until), snap.etag, horizon, snap.writers)
+        merged = Snapshot(
+            log, max(snap.blocked_until, known.blocked_until), snap.etag, horizon_ms=horizon, writers=snap.writers
+        )
         if log != snap.log:
             logger.warning("the rate limit record lacked %d recent sends: restored them", len(log) - len(snap.log))
         self._known = merged
@@ -284,7 +286,9 @@ class RateLimiter:
         except Conflict:
             self._cached = None
             raise
-        self._cached = self._known = Snapshot(tuple(log), blocked_until, new_etag, horizon_ms, writers)
+        self._cached = self._known = Snapshot(
+            tuple(log), blocked_until, new_etag, horizon_ms=horizon_ms, writers=writers
+        )
         self._cached_at = self._clock()
 
     def _reserve_ms(self) -> int:

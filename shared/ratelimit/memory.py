@@ -28,7 +28,9 @@ class MemorySlidingLog:
             if etag != self._snapshot.etag:
                 raise Conflict
             self._version += 1
-            self._snapshot = Snapshot(tuple(log), blocked_until, str(self._version), horizon_ms, writers)
+            self._snapshot = Snapshot(
+                tuple(log), blocked_until, str(self._version), horizon_ms=horizon_ms, writers=writers
+            )
             return str(self._version)
 
     def lose(self) -> None:

@@ -11,7 +11,7 @@ import bisect
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Protocol
 
 
@@ -100,6 +100,7 @@ class Snapshot:
     log: tuple[int, ...]
     blocked_until: int
     etag: str | None  # None: the record does not exist yet
+    _: KW_ONLY
     horizon_ms: int = 0  # the longest window (margin included) any writer declared: prune only past it
     writers: str = ""  # nonces of the latest admissions, comma-separated (invariant 5 recognises its own)
 

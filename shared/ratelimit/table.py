@@ -51,7 +51,9 @@ class TableSlidingLog:
         log, blocked_until = unpack(bytes(entity.get("Log") or b""))
         horizon = entity.get("HorizonMs")
         horizon_ms = int(horizon.value if isinstance(horizon, EntityProperty) else horizon or 0)
-        return Snapshot(log, blocked_until, entity.metadata["etag"], horizon_ms, str(entity.get("Writers") or ""))
+        return Snapshot(
+            log, blocked_until, entity.metadata["etag"], horizon_ms=horizon_ms, writers=str(entity.get("Writers") or "")
+        )
 
     def write(
         self, log: Sequence[int], blocked_until: int, etag: str | None, horizon_ms: int = 0, writers: str = ""

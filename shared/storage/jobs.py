@@ -61,6 +61,7 @@ class Job:
 @dataclass(frozen=True)
 class JobState:
     job: Job | None
+    _: KW_ONLY
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
     concluded: bool = False  # its summary is claimed
 
@@ -139,7 +140,7 @@ class JobStore:
         rows = self._io(lambda: list(self._table.query_entities("PartitionKey eq @pk", parameters={"pk": key})))
         job = next((_job(key, r) for r in rows if r["RowKey"] == JOB_ROW), None)
         outcomes = {r["RowKey"]: json.loads(r["Outcome"]) for r in rows if "Outcome" in r}
-        return JobState(job, outcomes, any(r["RowKey"] == SUMMARY_ROW for r in rows))
+        return JobState(job, outcomes=outcomes, concluded=any(r["RowKey"] == SUMMARY_ROW for r in rows))
 
     def claim_summary(self, key: str, owner: str) -> bool:
         """Whether `owner` sends the summary: the first to claim it, or that same owner again (its
