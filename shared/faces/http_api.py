@@ -66,7 +66,6 @@ class Scope:
     settings: Settings
     tenant: Tenant
     caller: str
-    headers: Mapping[str, str]
 
 
 def serve(headers: Mapping[str, str], tenant_ref: str | None, route: Callable[[Scope], Reply]) -> Reply:
@@ -78,7 +77,7 @@ def serve(headers: Mapping[str, str], tenant_ref: str | None, route: Callable[[S
     try:
         settings = get_settings()
         tenant = caller_tenant(headers, settings.callers, settings.tenants, tenant_ref)
-        reply = route(Scope(correlation, settings, tenant, caller_scope(headers, settings.allowed_callers), headers))
+        reply = route(Scope(correlation, settings, tenant, caller_scope(headers, settings.allowed_callers)))
     except AppError as exc:
         return error_reply(exc, correlation, base)
     except Exception:
