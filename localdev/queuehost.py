@@ -251,7 +251,9 @@ def main() -> None:
     parser.add_argument("--until", type=float, required=True, help="epoch seconds to stop at the latest")
     parser.add_argument("--visibility-timeout", type=float, default=None)
     parser.add_argument("--lease", type=int, default=30, help="seconds a received message stays invisible")
+    parser.add_argument("--log-level", default="WARNING", help="the app's records at this level and above go to stderr")
     args = parser.parse_args()
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(threadName)s %(message)s")
     conn = os.environ["AzureWebJobsStorage"]
     function = QueueFunction(
         args.folder.resolve(), conn, visibility_timeout=args.visibility_timeout, lease_seconds=args.lease
