@@ -4,8 +4,10 @@ Each run starts `--processes` app instances per tenant (`bench.hammer --tenant`)
 Azurite, with tokens from the real azure-identity credentials: the identity endpoint, and the
 loopback Entra endpoint doing the federated-credential exchange over TLS. The Defender simulator
 counts its windows per app and tenant, as Defender does, and is the judge. Time is compressed with
-RATE_LIMITS=10/2,30/8. Per tenant: upstream 429s, calls over a window, utilization of what its
-windows allow over the span, and tokens issued by Entra (one per process per token lifetime).
+RATE_LIMITS=10/2,30/8. Each instance builds its app and fetches its token before the span (a cold
+first call on a loaded machine would otherwise cost the span a burst). Per tenant: upstream 429s,
+calls over a window, utilization of what its windows allow over the span, and tokens issued by
+Entra (one per process per token lifetime).
 
 Runs: `per-tenant` (the app as deployed: a quota key per app + tenant) and `one-key` (every tenant
 drawing on one key, as a deployment with a single limiter would: each tenant gets about half).
@@ -98,7 +100,7 @@ def run(
 
 def _hammer(start: float, until: float, strategy: str, tenant: str) -> list[str]:
     return [sys.executable, "-m", "bench.hammer", "--start-at", str(start), "--until", str(until),
-            "--strategy", strategy, "--tenant", tenant]  # fmt: skip
+            "--strategy", strategy, "--tenant", tenant, "--warm"]  # fmt: skip
 
 
 def main() -> None:
