@@ -86,6 +86,11 @@ def parse_tenants(raw: str, home_id: str | None) -> TenantDirectory:
                 f"dashes (not {HOME!r}) and each id a GUID, e.g. contoso=72f988bf-86f1-41af-91ab-2d7cd011db47; "
                 f"got {part!r}"
             )
+        if GUID.fullmatch(name):  # a route's GUID is read as a tenant id: a name shaped so would alias another
+            raise SettingsError(
+                f"TENANTS: the name {name!r} is shaped like a tenant id; a name must not be a GUID "
+                f"(tenants/<GUID> means the tenant with that id); got {part!r}"
+            )
         customers.append(Tenant(name, tenant_id))
     if home_id is not None and not GUID.fullmatch(home_id):
         raise SettingsError(f"HOME_TENANT_ID must be the home directory's id (a GUID); got {home_id!r}")

@@ -252,6 +252,8 @@ def test_each_cloud_has_its_entra_authority_and_exchange_audience(cloud: str, au
         ({"TENANTS": "contoso"}, "TENANTS"),
         ({"TENANTS": "contoso=not-a-guid"}, "TENANTS"),
         ({"TENANTS": "home=6d3f0c4a-2b1e-4f5a-8c7d-9e0f1a2b3c4d"}, "TENANTS"),
+        # a name shaped like a tenant id would make tenants/<that id> act in another tenant
+        ({"TENANTS": "11111111-2222-3333-4444-555555555555=6d3f0c4a-2b1e-4f5a-8c7d-9e0f1a2b3c4d"}, "TENANTS"),
         ({"TENANTS": "a=6d3f0c4a-2b1e-4f5a-8c7d-9e0f1a2b3c4d,b=6d3f0c4a-2b1e-4f5a-8c7d-9e0f1a2b3c4d"}, "TENANTS"),
         ({"TENANT_APP_CLIENT_ID": ""}, "TENANT_APP_CLIENT_ID"),
         ({"AZURE_CLIENT_ID": ""}, "AZURE_CLIENT_ID"),  # a system-assigned identity cannot be federated
