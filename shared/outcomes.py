@@ -28,6 +28,14 @@ class Outcome(StrEnum):
     LISTED = "listed"  # a bulk dry run's entry
 
 
+def of_result(status: int) -> Outcome:
+    """What a result message says of Defender's answer: a 500/502/504 may hide an action taken,
+    and is not asked again (`failed`)."""
+    if 200 <= status < 300:
+        return Outcome.CANCELLED
+    return Outcome.FAILED if status >= 500 else Outcome.UPSTREAM_REJECTED
+
+
 def of_answer(status: int) -> Outcome:
     """What Defender's answer to a send was, for the records."""
     if 200 <= status < 300:

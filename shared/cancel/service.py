@@ -104,10 +104,6 @@ class CancelService:
         self._budget = budget_seconds
         self._monotonic = monotonic
 
-    @property
-    def defender(self) -> DefenderClient:
-        return self._defender
-
     def cancel(self, command: CancelCommand, max_wait: float = 0.0) -> CancelResult:
         """Cancel one machine action, at most once per idempotency key; with `command.verify`, then
         read it back until it is final or VERIFY_SECONDS pass.

@@ -233,7 +233,7 @@ def _listing_failed(job_id: str, request: BulkRequest, tenant: Tenant, listing: 
         tenant_id=tenant.id,
         status=listing.status,
         body=listing.body,
-        outcome=Outcome.FAILED if listing.status >= 500 else Outcome.UPSTREAM_REJECTED,
+        outcome=Outcome.FAILED if listing.status >= 500 else Outcome.UPSTREAM_REJECTED,  # a list is no cancel
     )
 
 

@@ -43,7 +43,7 @@ from shared.config.tenants import Tenant, TenantNotFound
 from shared.errors import AppError, InvalidRequest, OutcomeUnknown, QuotaExceeded, RequestInProgress, error_body
 from shared.faces import bulk_queue
 from shared.faces.messages import BulkJobMessage, Message, QueueCancel, Result
-from shared.outcomes import Outcome
+from shared.outcomes import Outcome, of_result
 from shared.redaction import redact
 from shared.storage.clients import queue_client
 
@@ -232,19 +232,13 @@ def rejected(body: bytes, exc: AppError, attempts: int) -> Result:
 
 
 def result_message(message: QueueCancel, tenant: Tenant, result: CancelResult, attempts: int) -> Result:
-    if 200 <= result.status < 300:
-        outcome = Outcome.CANCELLED
-    elif result.status >= 500:  # a 500/502/504: Defender may have acted; it is not asked again
-        outcome = Outcome.FAILED
-    else:
-        outcome = Outcome.UPSTREAM_REJECTED
     return Result(
         correlation_id=message.reported_correlation,
         action_id=message.action_id,
         tenant_id=tenant.id,
         status=result.status,
         body=result.body,
-        outcome=outcome,
+        outcome=of_result(result.status),
         attempts=attempts,
         replayed=result.replayed,
         verified_status=result.verified_status,

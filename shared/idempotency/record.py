@@ -35,8 +35,6 @@ class IdempotencyRecord:
     action_id: str
     age: float | None = None  # seconds since the store last wrote it, on the store's clock
     completed_at: float = 0.0  # a done record's epoch seconds
-    status: int = 0  # a done record's answer
-    body: Any = None
 
 
 class Decision(Enum):

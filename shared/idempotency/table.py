@@ -122,7 +122,7 @@ class IdempotencyStore:
         if decision is Decision.REUSED:
             raise KeyReused("This idempotency key was already used for another machine action")
         if decision is Decision.REPLAY:
-            return StoredAnswer(record.status, record.body)
+            return StoredAnswer(int(entity["Status"]), unpack_body(entity))  # unpacked only to replay
         if decision is Decision.IN_PROGRESS:
             raise RequestInProgress("A request with this idempotency key is still in progress", retry_after=5)
         # A holder that died (maybe after sending), or a key handed back unread: read what it did first.
@@ -130,19 +130,16 @@ class IdempotencyStore:
         return Claim(key, action_id, etag, abandoned=decision is Decision.TAKE_OVER)
 
     def _record(self, entity: Mapping[str, Any], date: str | None) -> IdempotencyRecord:
-        """The entity as the decision sees it (a done record's answer unpacked, its age on the store's clock)."""
+        """The entity as the decision sees it (its age on the store's clock)."""
         try:
             state: State | None = State(str(entity.get("State")))
         except ValueError:
             state = None
-        done = state is State.DONE
         return IdempotencyRecord(
             state=state,
             action_id=str(entity.get("ActionId")),
             age=self._age(entity, date),
             completed_at=float(entity.get("CompletedAt", 0)),
-            status=int(entity["Status"]) if done else 0,
-            body=unpack_body(entity) if done else None,
         )
 
     def _replace(self, entity: dict[str, Any], etag: str) -> str:

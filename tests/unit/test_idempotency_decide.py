@@ -18,7 +18,6 @@ records = st.none() | st.builds(
     action_id=st.sampled_from(ACTIONS),
     age=st.none() | seconds,
     completed_at=seconds,
-    status=st.sampled_from([200, 400, 404, 500, 502]),
 )
 
 
